@@ -1,0 +1,65 @@
+"""The command line: ``python -m src fit --config configs/dpo.yaml`` (also ``validate``, ``test``, ``predict``).
+
+A :class:`~lightning.pytorch.cli.LightningCLI` over any :class:`~src.modules.base.AlignmentModule` subclass and the
+one :class:`~src.data.AlignmentDataModule`. Several ``--config`` files compose (last wins); the model path is given
+once and linked to the DataModule's tokenizer; the resolved config is saved next to the run and sent to every logger
+(W&B uploads it as a file too). Nothing is downloaded: Hugging Face runs offline and W&B in offline mode by default.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+from lightning import LightningModule, Trainer  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
+from lightning.pytorch.loggers import WandbLogger  # noqa: E402
+
+from src.callbacks import FitSummary, LogProbMetrics, Throughput  # noqa: E402
+from src.data import AlignmentDataModule  # noqa: E402
+from src.modules.base import AlignmentModule  # noqa: E402
+
+
+class LoggerSaveConfigCallback(SaveConfigCallback):
+    """Saves ``config.yaml`` in the run directory and logs the resolved config to every logger."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        config = self.parser.dump(self.config, skip_none=False)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update({"config_yaml": config}, allow_val_change=True)
+                path = os.path.join(trainer.log_dir or ".", "config.yaml")
+                if os.path.exists(path):
+                    logger.experiment.save(path, base_path=os.path.dirname(path), policy="now")
+            logger.log_hyperparams(self.config.as_dict())
+
+
+class AlignCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer_name_or_path")
+        parser.add_lightning_class_args(LogProbMetrics, "logprob_metrics")
+        parser.add_lightning_class_args(Throughput, "throughput")
+        parser.add_lightning_class_args(FitSummary, "fit_summary")
+
+
+def main(args: list[str] | None = None, run: bool = True) -> AlignCLI:
+    """Run the CLI in-process, e.g. ``main(["fit", "--config", "configs/dpo.yaml", "--trainer.max_steps=2"])``."""
+    return AlignCLI(
+        AlignmentModule,
+        AlignmentDataModule,
+        subclass_mode_model=True,
+        seed_everything_default=42,
+        save_config_callback=LoggerSaveConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "yaml"},
+        args=args,
+        run=run,
+    )

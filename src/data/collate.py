@@ -1,0 +1,102 @@
+"""Collators: right-padded training batches (SFT, preference) and left-padded prompt batches (generation).
+
+Every training batch carries ``completion_mask`` (1 exactly on response tokens, EOS included, aligned with
+``input_ids``) so that padding and prompt tokens never enter a loss or a metric, plus ``num_tokens`` (a Python int,
+non-pad tokens) for throughput without a host sync.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _right_pad(seqs: list[list[int]], value: int, multiple: int | None) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    if multiple:
+        width = -(-width // multiple) * multiple
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def pad_pairs(prompts: list[list[int]], completions: list[list[int]], pad_id: int, multiple: int | None = None):
+    """Right-pad ``prompt + completion`` rows; returns input_ids, attention_mask, completion_mask ([B, T] each)."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    input_ids = _right_pad(seqs, pad_id, multiple)
+    attention_mask = _right_pad([[1] * len(s) for s in seqs], 0, multiple)
+    completion_mask = _right_pad([[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)], 0, multiple)
+    return input_ids, attention_mask, completion_mask
+
+
+class SFTCollator:
+    """``{prompt_ids, completion_ids}`` rows -> a right-padded causal-LM batch with a completion mask."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id, self.multiple = pad_token_id, pad_to_multiple_of
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        ids, attn, comp = pad_pairs(
+            [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], self.pad_token_id, self.multiple
+        )
+        return {
+            "input_ids": ids,
+            "attention_mask": attn,
+            "completion_mask": comp,
+            "num_tokens": int(sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)),
+            "index": torch.tensor([r["index"] for r in rows]),
+        }
+
+
+class PreferenceCollator:
+    """Preference rows -> one right-padded batch of ``2B`` rows: ``B`` × (prompt+chosen) then ``B`` × (prompt+rejected).
+
+    Chosen and rejected go through one concatenated forward. Precomputed reference log-probs, when present on the
+    rows, are passed through as ``ref_chosen_logps`` / ``ref_rejected_logps``.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id, self.multiple = pad_token_id, pad_to_multiple_of
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        prompts = [r["prompt_ids"] for r in rows] * 2
+        completions = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        ids, attn, comp = pad_pairs(prompts, completions, self.pad_token_id, self.multiple)
+        batch = {
+            "input_ids": ids,
+            "attention_mask": attn,
+            "completion_mask": comp,
+            "num_tokens": int(sum(len(p) + len(c) for p, c in zip(prompts, completions))),
+            "index": torch.tensor([r["index"] for r in rows]),
+        }
+        if "ref_chosen_logps" in rows[0]:
+            batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows])
+            batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows])
+        return batch
+
+
+class PromptCollator:
+    """Prompt rows -> left-padded ``prompt_ids`` / ``prompt_mask`` for generation, plus text and extra columns."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(r["prompt_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["prompt_ids"])
+            ids[i, width - n :] = torch.tensor(r["prompt_ids"], dtype=torch.long)
+            mask[i, width - n :] = 1
+        columns = {k: [r["columns"][k] for r in rows] for k in rows[0]["columns"]}
+        return {
+            "prompt_ids": ids,
+            "prompt_mask": mask,
+            "prompts": [r["prompt"] for r in rows],
+            "columns": columns,
+            "num_tokens": int(mask.sum()),
+            "index": torch.tensor([r["index"] for r in rows]),
+        }

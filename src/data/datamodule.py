@@ -1,0 +1,376 @@
+"""The one LightningDataModule for every algorithm: SFT, preference and prompt-only rows.
+
+Row kinds (plain text, or conversational messages rendered with the tokenizer's chat template):
+
+* ``sft``: ``prompt`` + ``completion``, or ``messages`` (the last message is the assistant's answer).
+* ``preference``: ``prompt`` + ``chosen`` + ``rejected``.
+* ``prompt``: ``prompt``; every other column is passed through to reward functions.
+
+Sources: JSONL, JSON, Parquet, or a ``datasets.save_to_disk`` directory; ``path=None`` uses the embedded tiny task.
+Prompt and completion are tokenized separately, so the completion mask covers exactly the response tokens plus
+EOS. Bad rows raise :class:`DataError` naming the file, the row and the field; truncation is counted and logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from src.data import tiny
+from src.data.collate import PreferenceCollator, PromptCollator, SFTCollator
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["sft", "preference", "prompt"]
+Truncation = Literal["keep_end", "keep_start", "error"]
+REQUIRED = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",)}
+
+
+class DataError(ValueError):
+    """A bad input row; the message names the source, the row and the field."""
+
+
+def load_tokenizer(name_or_path: str):
+    """The embedded tiny tokenizer for ``"tiny"``, else ``AutoTokenizer.from_pretrained`` (local dirs, no download)."""
+    if name_or_path == tiny.TINY:
+        return tiny.load_tokenizer()
+    from transformers import AutoTokenizer
+
+    if not Path(name_or_path).exists():
+        log.info("tokenizer %s is not a local path; trying the local Hugging Face cache", name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as e:
+        raise FileNotFoundError(f"tokenizer {name_or_path!r}: not a local directory nor in the HF cache ({e})") from e
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; set one (tokenizer.eos_token) before training")
+    if tok.pad_token_id is None:
+        log.warning("tokenizer %s has no pad token; using EOS as pad (padding is always masked)", name_or_path)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------------- loading
+def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Rows of a JSONL / JSON / Parquet file or a ``save_to_disk`` directory, plus any extra named splits."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"data path {str(p)!r} does not exist")
+    if p.is_dir():
+        import datasets
+
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{p}: dataset dict has splits {list(ds)}, expected a 'train' split")
+            return ds["train"].to_list(), {k: v.to_list() for k, v in ds.items() if k != "train"}
+        return ds.to_list(), {}
+    if p.suffix == ".jsonl":
+        rows = []
+        with p.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{p}: row {n}: broken JSON line ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{p}: row {n}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+        return rows, {}
+    if p.suffix == ".json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}: broken JSON ({e.msg} at line {e.lineno})") from None
+        if isinstance(data, dict) and "train" in data:
+            return data["train"], {k: v for k, v in data.items() if k != "train"}
+        if not isinstance(data, list):
+            raise DataError(f"{p}: expected a list of row objects or {{'train': [...]}}")
+        return data, {}
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(str(p)).to_pylist(), {}
+    raise DataError(f"{p}: unsupported format {p.suffix!r}; use .jsonl, .json, .parquet or a save_to_disk directory")
+
+
+def _check_text(value: Any, where: str, field: str) -> None:
+    """A field is a non-empty string or a non-empty list of ``{"role", "content"}`` messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field {field!r}: empty string")
+        return
+    if isinstance(value, list) and value:
+        for m in value:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise DataError(
+                    f"{where}: field {field!r}: messages must be {{'role': str, 'content': str}}, got {m!r}"
+                )
+        return
+    kind = "empty list" if isinstance(value, list) else f"{type(value).__name__} ({value!r:.40})"
+    raise DataError(f"{where}: field {field!r}: expected a string or a list of messages, got {kind}")
+
+
+def normalise_row(row: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
+    """Validate one row for ``kind``; ``messages`` SFT rows become prompt/completion. Raises :class:`DataError`."""
+    if kind == "sft" and "messages" in row and "prompt" not in row:
+        _check_text(row["messages"], where, "messages")
+        if not isinstance(row["messages"], list) or row["messages"][-1]["role"] != "assistant":
+            raise DataError(f"{where}: field 'messages': the last message must be the assistant's")
+        row = {**row, "prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+        if not row["prompt"]:
+            raise DataError(f"{where}: field 'messages': needs at least one message before the assistant's")
+    for field in REQUIRED[kind]:
+        if field not in row or row[field] is None:
+            raise DataError(f"{where}: field {field!r}: missing (a {kind} row needs {', '.join(REQUIRED[kind])})")
+        _check_text(row[field], where, field)
+    return row
+
+
+# -------------------------------------------------------------------------------------------------------- tokenizing
+class Tokenize:
+    """Tokenize prompt and completion separately (exact boundary), with a counted truncation policy."""
+
+    def __init__(
+        self,
+        tokenizer,
+        max_prompt_length: int | None,
+        max_completion_length: int | None,
+        max_length: int | None,
+        truncation: str,
+    ) -> None:
+        self.tok = tokenizer
+        self.max_prompt, self.max_completion, self.max_length = max_prompt_length, max_completion_length, max_length
+        self.truncation = truncation
+        self.cut: Counter[str] = Counter()
+
+    def prompt(self, prompt: str | list[dict], where: str) -> list[int]:
+        if isinstance(prompt, list):
+            text = self.tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tok(prompt, add_special_tokens=True)["input_ids"]
+        if self.max_prompt is not None and len(ids) > self.max_prompt:
+            if self.truncation == "error":
+                raise DataError(
+                    f"{where}: field 'prompt': {len(ids)} tokens exceeds max_prompt_length={self.max_prompt} "
+                    "(truncation='error'; use keep_end or keep_start to cut)"
+                )
+            self.cut["prompt"] += 1
+            ids = ids[-self.max_prompt :] if self.truncation == "keep_end" else ids[: self.max_prompt]
+        return ids
+
+    def completion(
+        self, prompt: str | list[dict], completion: str | list[dict], n_prompt: int, where: str, field: str
+    ) -> list[int]:
+        eos = self.tok.eos_token_id
+        if isinstance(completion, list):
+            msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            head = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            full = self.tok.apply_chat_template(msgs + completion, tokenize=False)
+            if not full.startswith(head):
+                raise DataError(f"{where}: field {field!r}: the chat template does not render the prompt as a prefix")
+            text = full[len(head) :].rstrip()
+            if self.tok.eos_token and text.endswith(self.tok.eos_token):
+                text = text[: -len(self.tok.eos_token)]
+        else:
+            text = completion
+        ids = self.tok(text, add_special_tokens=False)["input_ids"] + [eos]
+        limit = self.max_completion
+        if self.max_length is not None:
+            limit = min(limit or self.max_length, self.max_length - n_prompt)
+        if limit is not None and len(ids) > limit:
+            if self.truncation == "error" or limit < 1:
+                raise DataError(
+                    f"{where}: field {field!r}: {len(ids)} tokens exceeds the limit of {limit} "
+                    f"(max_completion_length={self.max_completion}, max_length={self.max_length}, "
+                    f"prompt {n_prompt} tokens, truncation={self.truncation!r})"
+                )
+            self.cut[field] += 1
+            ids = ids[:limit]
+        return ids
+
+    def row(self, row: dict[str, Any], kind: str, where: str, index: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": index, "prompt_ids": self.prompt(row["prompt"], where)}
+        n = len(out["prompt_ids"])
+        if kind == "sft":
+            out["completion_ids"] = self.completion(row["prompt"], row["completion"], n, where, "completion")
+        elif kind == "preference":
+            for f in ("chosen", "rejected"):
+                out[f"{f}_ids"] = self.completion(row["prompt"], row[f], n, where, f)
+        else:
+            prompt = row["prompt"]
+            out["prompt"] = prompt if isinstance(prompt, str) else self.tok.decode(out["prompt_ids"])
+            out["columns"] = {k: v for k, v in row.items() if k != "prompt"}
+        return out
+
+
+class RowDataset(Dataset):
+    """Tokenized rows held in memory; extra per-row fields (e.g. precomputed reference log-probs) can be added."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+    def add_column(self, name: str, values: list[Any]) -> None:
+        if len(values) != len(self.rows):
+            raise ValueError(f"add_column {name!r}: {len(values)} values for {len(self.rows)} rows")
+        for r, v in zip(self.rows, values):
+            r[name] = v
+
+
+# -------------------------------------------------------------------------------------------------------- datamodule
+class AlignmentDataModule(LightningDataModule):
+    """One DataModule for SFT, reward modelling, DPO, GRPO and PPO.
+
+    Args:
+        path: JSONL / JSON / Parquet file or ``save_to_disk`` directory; ``None`` = the embedded tiny task.
+        kind: ``sft`` | ``preference`` | ``prompt``; ``None`` takes the LightningModule's ``data_kind``.
+        tokenizer_name_or_path: linked from ``model.model_name_or_path`` by the CLI (``"tiny"`` = embedded).
+        val_path: a separate validation file; else a ``test``/``validation`` split of ``path``; else ``val_size``.
+        val_size: fraction (< 1) or number of rows held out for validation (0 = no validation).
+        batch_size: rows per step per device (preference pairs, SFT rows or prompts).
+        truncation: ``keep_end`` keeps the end of a too-long prompt, ``keep_start`` its start, ``error`` raises.
+            Completions are always cut at the end. Every cut is counted and logged.
+        shuffle: shuffle training rows each epoch (seeded by ``seed_everything``); ``False`` keeps file order.
+        tiny_rows: rows generated for the embedded task.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        kind: Kind | None = None,
+        tokenizer_name_or_path: str = tiny.TINY,
+        val_path: str | None = None,
+        val_size: float = 0.05,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        max_prompt_length: int | None = 512,
+        max_completion_length: int | None = 512,
+        max_length: int | None = None,
+        truncation: Truncation = "keep_end",
+        shuffle: bool = True,
+        num_workers: int = 0,
+        pad_to_multiple_of: int | None = None,
+        tiny_rows: int = 2048,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer_name_or_path)
+        self.train_set: RowDataset | None = None
+        self.val_set: RowDataset | None = None
+        self.truncated: Counter[str] = Counter()
+
+    @property
+    def kind(self) -> str:
+        kind = self.hparams.kind
+        if kind is None and self.trainer is not None:
+            kind = getattr(self.trainer.lightning_module, "data_kind", None)
+        if kind not in REQUIRED:
+            raise ValueError(f"data.kind must be one of {list(REQUIRED)} (or set by the model), got {kind!r}")
+        return kind
+
+    def _raw(self) -> tuple[list[tuple[str, list[dict]]], list[tuple[str, list[dict]]]]:
+        """``(source name, rows)`` lists for train and validation before tokenization."""
+        h = self.hparams
+        if h.path is None:
+            rows = list(tiny.generate_rows(self.kind, h.tiny_rows))
+            src, extra = "<embedded tiny task>", {}
+        else:
+            rows, extra = read_rows(h.path)
+            src = str(h.path)
+        if h.val_path is not None:
+            return [(src, rows)], [(str(h.val_path), read_rows(h.val_path)[0])]
+        for name in ("validation", "test"):
+            if name in extra:
+                return [(src, rows)], [(f"{src}[{name}]", extra[name])]
+        n_val = int(round(h.val_size * len(rows))) if h.val_size < 1 else int(h.val_size)
+        if n_val <= 0:
+            return [(src, rows)], []
+        held = set(random.Random(h.split_seed).sample(range(len(rows)), n_val))
+        train = [r for i, r in enumerate(rows) if i not in held]
+        val = [r for i, r in enumerate(rows) if i in held]
+        return [(src, train)], [(f"{src}[val split]", val)]
+
+    def _tokenize(self, parts: list[tuple[str, list[dict]]], tokenize: Tokenize) -> RowDataset:
+        out = []
+        for src, rows in parts:
+            for i, row in enumerate(rows, 1):
+                where = f"{src}: row {i}"
+                if not isinstance(row, dict):
+                    raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
+                row = normalise_row(row, self.kind, where)
+                out.append(tokenize.row(row, self.kind, where, len(out)))
+        return RowDataset(out)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        h = self.hparams
+        train_parts, val_parts = self._raw()
+        tok = Tokenize(self.tokenizer, h.max_prompt_length, h.max_completion_length, h.max_length, h.truncation)
+        self.train_set = self._tokenize(train_parts, tok)
+        if len(self.train_set) == 0:
+            raise DataError(f"{train_parts[0][0]}: no usable rows")
+        self.val_set = self._tokenize(val_parts, tok) if val_parts else None
+        self.truncated = tok.cut
+        if tok.cut:
+            n = len(self.train_set) + (len(self.val_set) if self.val_set else 0)
+            detail = ", ".join(f"{v} {k}" for k, v in sorted(tok.cut.items()))
+            log.warning("truncation (%s) cut %s of %d rows", h.truncation, detail, n)
+
+    def collator(self):
+        pad, kind = self.tokenizer.pad_token_id, self.kind
+        if kind == "preference":
+            return PreferenceCollator(pad, self.hparams.pad_to_multiple_of)
+        if kind == "sft":
+            return SFTCollator(pad, self.hparams.pad_to_multiple_of)
+        return PromptCollator(pad)
+
+    def _loader(self, ds: RowDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collator(),
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_set, self.hparams.batch_size, self.hparams.shuffle)
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup()
+        if self.val_set is None:
+            return []
+        return self._loader(self.val_set, self.hparams.val_batch_size or self.hparams.batch_size, False)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"truncated": dict(self.truncated)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.truncated = Counter(state.get("truncated", {}))

@@ -1,0 +1,736 @@
+"""Loss functions and advantage estimators for aligning language models.
+
+Everything here is a pure function of tensors: no model, no Lightning, no distributed calls. Shapes follow one
+convention: ``B`` sequences, ``T`` completion tokens, ``V`` vocabulary entries; ``mask`` is 1 (or True) on real
+completion tokens and 0 on prompt and padding. Values at masked-out positions never reach a result, neither its
+value nor its gradient, even when they hold NaN or Inf (inputs are filtered with ``torch.where`` before any
+arithmetic, so no ``0 * nan`` can leak).
+
+Definitions follow TRL (the loss-type names, the metric names, the aggregation conventions) and each docstring
+names the paper an equation comes from.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "GRPO_LOSS_TYPES",
+    "KL_ESTIMATORS",
+    "adaptive_kl_update",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "entropy_from_logits",
+    "gae",
+    "group_advantages",
+    "grpo_loss",
+    "kl_estimate",
+    "kl_penalized_rewards",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "rloo_advantages",
+    "simpo_loss",
+    "token_logps",
+]
+
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "apo_zero", "apo_down", "sppo_hard")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Elements of float32 scratch space a chunk of logits may occupy (64 MiB) in token_logps / entropy_from_logits.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-probabilities and entropy
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _row_chunks(x: Tensor) -> list[tuple[int, int]]:
+    """Slices ``[start, stop)`` along dim 0 so that each slice holds at most ``_CHUNK_ELEMENTS`` elements."""
+    n = x.shape[0]
+    per_row = max(1, x[0].numel()) if n else 1
+    step = max(1, _CHUNK_ELEMENTS // per_row)
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log softmax(logits / temperature)[label], chunked over dim 0 in forward and backward.
+
+    Only ``logits`` (already alive in the graph) and ``labels`` are saved, so no ``[..., V]`` copy is kept for
+    backward; the ``[..., V]`` scratch space (log-softmax in forward, softmax in backward) is one chunk at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
+        dtype = _compute_dtype(logits.dtype)
+        out = torch.empty(labels.shape, dtype=dtype, device=logits.device)
+        for s, e in _row_chunks(logits):
+            x = logits[s:e].to(dtype)
+            if temperature != 1.0:
+                x = x / temperature
+            # log_softmax of one chunk (a fused kernel; faster than logsumexp on CPU), then gather and drop it
+            out[s:e] = torch.log_softmax(x, dim=-1).gather(-1, labels[s:e].unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(logits, labels)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        logits, labels = ctx.saved_tensors
+        temperature = ctx.temperature
+        dtype = _compute_dtype(logits.dtype)
+        spans = _row_chunks(logits)
+        grad = None if len(spans) == 1 else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for s, e in spans:
+            x = logits[s:e].to(dtype)
+            if temperature != 1.0:
+                x = x / temperature
+            g = grad_out[s:e].to(dtype).unsqueeze(-1)
+            # d/dx [log softmax(x)_y] = onehot(y) - softmax(x); chain rule through x = logits / temperature.
+            chunk = torch.softmax(x, dim=-1).mul_(-g)
+            chunk.scatter_add_(-1, labels[s:e].unsqueeze(-1), g)
+            if temperature != 1.0:
+                chunk.div_(temperature)
+            if grad is None:  # a single chunk: it is the gradient
+                return chunk.to(logits.dtype), None, None
+            grad[s:e] = chunk
+        return grad, None, None
+
+
+def token_logps(logits: Tensor, labels: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Log-probability of each label under ``softmax(logits / temperature)``.
+
+    ``log p(y) = z_y - logsumexp(z)`` with ``z = logits / temperature``, computed chunk by chunk over the leading
+    dimension (at most ~64 MiB of float32 scratch per chunk): the full ``log_softmax`` is never materialised and no
+    copy of the logits is kept for backward (the gradient ``(onehot(y) - softmax(z)) / temperature`` is recomputed
+    chunk-wise). fp16/bf16 logits are upcast per chunk and the result is float32; float32/float64 logits keep
+    their dtype.
+
+    Args:
+        logits: ``[..., V]`` (e.g. ``[B, T, V]`` or ``[N, V]``).
+        labels: ``[...]`` token ids. Negative ids (e.g. ``-100`` padding) yield 0 and receive no gradient.
+        temperature: sampling temperature the logits are divided by (as in TRL's GRPO/PPO).
+
+    Returns:
+        ``[...]`` log-probabilities.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on leading dims")
+    if logits.dim() == 1:  # a single position
+        return token_logps(logits.unsqueeze(0), labels.unsqueeze(0), temperature=temperature).squeeze(0)
+    labels = labels.long()
+    valid = labels >= 0
+    logps = _TokenLogps.apply(logits, labels.clamp(min=0), float(temperature))
+    return torch.where(valid, logps, torch.zeros((), dtype=logps.dtype, device=logps.device))
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of ``p = softmax(logits)`` at each position: ``H = -sum_v p_v log p_v``.
+
+    Computed chunk-wise over the leading dimension in float32 (or float64) to bound scratch memory; usually
+    called under ``torch.no_grad()`` for the ``entropy`` metric (TRL logs the same quantity).
+
+    Args:
+        logits: ``[..., V]``.
+
+    Returns:
+        ``[...]`` entropies in nats.
+    """
+    if logits.dim() == 1:
+        return entropy_from_logits(logits.unsqueeze(0)).squeeze(0)
+    dtype = _compute_dtype(logits.dtype)
+    parts = []
+    for s, e in _row_chunks(logits):
+        x = logits[s:e].to(dtype)
+        logp = torch.log_softmax(x, dim=-1)
+        p_logp = logp.exp() * logp
+        parts.append(-torch.where(logp > -math.inf, p_logp, torch.zeros_like(p_logp)).sum(-1))  # 0 log 0 = 0
+    return torch.cat(parts, dim=0) if parts else logits.new_zeros(logits.shape[:-1], dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masked statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _mask_like(x: Tensor, mask: Tensor) -> Tensor:
+    return torch.broadcast_to(mask.bool(), x.shape)
+
+
+def _zero_fill(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` where ``mask``, else 0 (NaN/Inf outside the mask neither propagate nor send NaN gradients)."""
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """``sum_i m_i x_i`` over all entries (``dim=None``) or along ``dim``; entries with ``m_i = 0`` are ignored."""
+    m = _mask_like(x, mask)
+    x = _zero_fill(x, m)
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """``sum_i m_i x_i / sum_i m_i`` over all entries or along ``dim``; entries with ``m_i = 0`` are ignored.
+
+    An empty mask (or an empty row when ``dim`` is given) yields 0 rather than NaN.
+    """
+    m = _mask_like(x, mask)
+    total = _zero_fill(x, m)
+    count = m.to(x.dtype)
+    if dim is None:
+        return total.sum() / count.sum().clamp(min=1)
+    return total.sum(dim) / count.sum(dim).clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, *, dim: int | None = None) -> Tensor:
+    """Variance of the masked entries: ``sum_i m_i (x_i - mean)^2 / n``, times ``n / (n - 1)`` when ``unbiased``.
+
+    ``n = sum_i m_i``. With ``n <= 1`` the Bessel correction is skipped (the result is the biased variance, 0 for
+    a single entry) instead of dividing by zero.
+    """
+    m = _mask_like(x, mask)
+    x = _zero_fill(x, m)
+    mean = masked_mean(x, m, dim)
+    if dim is not None:
+        mean = mean.unsqueeze(dim)
+    centered = _zero_fill(x - mean, m)
+    count = m.to(x.dtype).sum() if dim is None else m.to(x.dtype).sum(dim)
+    sq = centered.pow(2).sum() if dim is None else centered.pow(2).sum(dim)
+    var = sq / count.clamp(min=1)
+    if unbiased:
+        var = var * torch.where(count > 1, count / (count - 1).clamp(min=1), torch.ones_like(count))
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Whiten the masked entries: ``(x - mean) / sqrt(var + eps)``, mean and (unbiased) variance over the mask.
+
+    With ``shift_mean=False`` the mean is added back: ``(x - mean) / sqrt(var + eps) + mean`` (TRL / OpenRLHF,
+    used to normalise PPO advantages, Huang et al. 2024 "The N+ implementation details of RLHF with PPO").
+    Masked-out positions are set to 0.
+    """
+    m = _mask_like(x, mask)
+    x = _zero_fill(x, m)  # before any arithmetic, so that no 0 * nan reaches a gradient
+    mean = masked_mean(x, m)
+    var = masked_var(x, m, unbiased=True)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return _zero_fill(whitened, m)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KL
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: str = "k3") -> Tensor:
+    """Per-token estimator of ``KL(pi || pi_ref)`` from samples of ``pi`` (Schulman 2020, "Approximating KL
+    divergence", http://joschu.net/blog/kl-approx.html).
+
+    With ``d = log pi_ref(y) - log pi(y)``:
+    ``k1 = -d`` (unbiased, high variance, can be negative); ``k2 = d^2 / 2`` (biased, low variance);
+    ``k3 = exp(d) - d - 1`` (unbiased, always >= 0; the GRPO estimator of Shao et al. 2024).
+    """
+    if kind == "k1":
+        return logps - ref_logps
+    if kind == "k2":
+        return 0.5 * (logps - ref_logps).pow(2)
+    if kind == "k3":
+        d = ref_logps - logps
+        return torch.expm1(d) - d  # exp(d) - 1 - d, accurate for small d
+    raise ValueError(f"Unknown KL estimator {kind!r}; expected one of {KL_ESTIMATORS}")
+
+
+def kl_penalized_rewards(
+    scores: Tensor, logps: Tensor, ref_logps: Tensor, mask: Tensor, *, beta: float, kind: str = "k1"
+) -> tuple[Tensor, Tensor]:
+    """Per-token PPO rewards ``r_t = -beta * KL_t``, plus the sequence score on the last real token.
+
+    Ziegler et al. 2019 ("Fine-tuning language models from human preferences"); the token-level form follows
+    Huang et al. 2024 ("The N+ implementation details of RLHF with PPO"). Summed over a sequence,
+    ``sum_t r_t = score - beta * sum_t KL_t``. Sequences without real tokens get no score.
+
+    Args:
+        scores: ``[B]`` scalar rewards (reward model or reward functions).
+        logps, ref_logps: ``[B, T]`` token log-probabilities of the sampling policy and of the reference.
+        mask: ``[B, T]`` completion mask (may have leading and trailing zeros).
+        beta: KL coefficient.
+        kind: KL estimator, see :func:`kl_estimate` (TRL's PPO uses k1).
+
+    Returns:
+        ``(rewards [B, T], kl [B, T])``, both 0 outside the mask.
+    """
+    m = _mask_like(logps, mask)
+    kl = _zero_fill(kl_estimate(_zero_fill(logps, m), _zero_fill(ref_logps, m), kind), m)
+    rewards = -beta * kl
+    T = m.shape[-1]
+    last = (T - 1) - m.flip(-1).to(torch.int8).argmax(-1)  # index of the last real token of each row
+    score = torch.where(m.any(-1), scores.reshape(-1).to(rewards.dtype), torch.zeros_like(rewards[:, 0]))
+    rewards = rewards + torch.zeros_like(rewards).scatter(-1, last.unsqueeze(-1), score.unsqueeze(-1))
+    return rewards, kl
+
+
+def adaptive_kl_update(
+    kl_coef: float, current_kl: float | Tensor, *, target: float, horizon: int, n_steps: int
+) -> float:
+    """Adaptive KL controller (Ziegler et al. 2019, Sec. 2.2): ``beta <- beta * (1 + e * n_steps / horizon)`` with
+    proportional error ``e = clip(KL / target - 1, -0.2, 0.2)``.
+
+    Args:
+        kl_coef: current coefficient ``beta``.
+        current_kl: measured KL (per sequence) of the latest batch.
+        target: target KL.
+        horizon: horizon ``K_beta`` in samples.
+        n_steps: number of samples the measurement covers.
+    """
+    kl = float(current_kl)
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return float(kl_coef) * (1.0 + error * n_steps / horizon)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preference losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Direct Preference Optimization and its pairwise variants, per pair, with TRL's definitions.
+
+    Let ``c = log pi(y_w) - log pi_ref(y_w)``, ``r = log pi(y_l) - log pi_ref(y_l)``, ``h = c - r`` and
+    ``ls = label_smoothing``:
+
+    - ``sigmoid``: ``-(1-ls) log s(beta h) - ls log s(-beta h)``; DPO (Rafailov et al. 2023), with ``ls > 0`` the
+      conservative cDPO variant (Mitchell 2023).
+    - ``robust``: ``(-(1-ls) log s(beta h) + ls log s(-beta h)) / (1 - 2 ls)`` (Chowdhury et al. 2024, rDPO).
+    - ``hinge``: ``relu(1 - beta h)`` (SLiC, Zhao et al. 2023).
+    - ``ipo``: ``(h - 1/(2 beta))^2`` (Azar et al. 2023, Eq. 17). TRL feeds IPO length-averaged log-probs;
+      that averaging is the caller's job.
+    - ``exo_pair``: ``s(beta h)(log s(beta h) - log(1-eps)) + s(-beta h)(log s(-beta h) - log eps)`` with
+      ``eps = ls`` or 1e-3 when ``ls == 0`` (Ji et al. 2024, EXO, Eq. 16).
+    - ``nca_pair``: ``-log s(beta c) - 0.5 log s(-beta c) - 0.5 log s(-beta r)`` (Chen et al. 2024, NCA).
+    - ``apo_zero``: ``1 - s(beta c) + s(beta r)``; ``apo_down``: ``s(beta c) + 1 - s(beta h)``
+      (D'Oosterlinck et al. 2024, APO, Eqs. 7-8).
+    - ``sppo_hard``: ``(c - 1/(2 beta))^2 + (r + 1/(2 beta))^2`` (Wu et al. 2024, SPPO with hard labels).
+
+    ``s`` is the logistic sigmoid. All log-prob inputs are ``[B]`` sequence log-probabilities.
+
+    Returns:
+        ``(losses [B], chosen_rewards [B], rejected_rewards [B])`` with rewards ``beta * c`` and ``beta * r``
+        (detached).
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"Unknown DPO loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
+    chosen = policy_chosen_logps - ref_chosen_logps
+    rejected = policy_rejected_logps - ref_rejected_logps
+    logits = beta * (chosen - rejected)
+    ls = label_smoothing
+
+    if loss_type == "sigmoid":
+        losses = -(1 - ls) * F.logsigmoid(logits) - ls * F.logsigmoid(-logits)
+    elif loss_type == "robust":
+        if not 0.0 <= ls < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {ls}")
+        losses = (-(1 - ls) * F.logsigmoid(logits) + ls * F.logsigmoid(-logits)) / (1 - 2 * ls)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - logits)
+    elif loss_type == "ipo":
+        losses = (chosen - rejected - 1 / (2 * beta)) ** 2
+    elif loss_type == "exo_pair":
+        eps = ls if ls > 0 else 1e-3
+        if not 0.0 < eps < 1.0:
+            raise ValueError(f"label_smoothing must lie in (0, 1) for loss_type='exo_pair', got {ls}")
+        losses = torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-eps)) + torch.sigmoid(-logits) * (
+            F.logsigmoid(-logits) - math.log(eps)
+        )
+    elif loss_type == "nca_pair":
+        c, r = beta * chosen, beta * rejected
+        losses = -F.logsigmoid(c) - 0.5 * F.logsigmoid(-c) - 0.5 * F.logsigmoid(-r)
+    elif loss_type == "apo_zero":
+        losses = 1 - torch.sigmoid(beta * chosen) + torch.sigmoid(beta * rejected)
+    elif loss_type == "apo_down":
+        losses = torch.sigmoid(beta * chosen) + 1 - torch.sigmoid(logits)
+    else:  # sppo_hard
+        losses = (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
+
+    return losses, (beta * chosen).detach(), (beta * rejected).detach()
+
+
+def simpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SimPO (Meng et al. 2024), reference-free with length-normalised rewards and a target margin.
+
+    ``u = beta * (log pi(y_w) / |y_w| - log pi(y_l) / |y_l|) - gamma``,
+    ``loss = -(1-ls) log s(u) - ls log s(-u)`` (TRL's CPOTrainer with ``loss_type="simpo"``, where
+    ``gamma = simpo_gamma``).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``[B]`` summed sequence log-probabilities.
+        chosen_lengths, rejected_lengths: ``[B]`` completion token counts (clamped to >= 1).
+
+    Returns:
+        ``(losses [B], chosen_rewards [B], rejected_rewards [B])``, rewards ``beta * log pi(y) / |y|`` (detached).
+    """
+    chosen_avg = policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype).clamp(min=1)
+    rejected_avg = policy_rejected_logps / rejected_lengths.to(policy_rejected_logps.dtype).clamp(min=1)
+    u = beta * (chosen_avg - rejected_avg) - gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(u) - label_smoothing * F.logsigmoid(-u)
+    return losses, (beta * chosen_avg).detach(), (beta * rejected_avg).detach()
+
+
+def bradley_terry_loss(
+    chosen_scores: Tensor,
+    rejected_scores: Tensor,
+    *,
+    margin: Tensor | float | None = None,
+    center_rewards_coefficient: float | None = None,
+) -> Tensor:
+    """Pairwise reward-model loss under the Bradley-Terry model (Ouyang et al. 2022, InstructGPT).
+
+    ``loss = -log s(r_w - r_l - margin) + coef * (r_w + r_l)^2``; the optional margin follows Llama 2 (Touvron
+    et al. 2023), the centering term Eisenstein et al. 2023, as in TRL's RewardTrainer (its batch loss is the mean
+    of these per-pair values). Equal scores give ``ln 2``.
+
+    Args:
+        chosen_scores, rejected_scores: ``[B]`` (or ``[B, 1]``) scalar rewards.
+
+    Returns:
+        ``[B]`` per-pair losses.
+    """
+    if chosen_scores.dim() > 1 and chosen_scores.shape[-1] == 1:
+        chosen_scores = chosen_scores.squeeze(-1)
+    if rejected_scores.dim() > 1 and rejected_scores.shape[-1] == 1:
+        rejected_scores = rejected_scores.squeeze(-1)
+    diff = chosen_scores - rejected_scores
+    if margin is not None:
+        diff = diff - margin
+    losses = -F.logsigmoid(diff)
+    if center_rewards_coefficient:
+        losses = losses + center_rewards_coefficient * (chosen_scores + rejected_scores) ** 2
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Group-relative advantages (GRPO, RLOO)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _grouped(rewards: Tensor, group_size: int, min_size: int = 1) -> Tensor:
+    if group_size < min_size:
+        raise ValueError(f"group_size must be >= {min_size}, got {group_size}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards cannot be split into groups of {group_size}")
+    return rewards.reshape(-1, group_size)
+
+
+def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages of GRPO (Shao et al. 2024, DeepSeekMath): ``A_i = r_i - mean(group)`` divided by
+
+    - ``"group"``: ``std(group) + eps`` (unbiased std, the original GRPO);
+    - ``"batch"``: ``std(all rewards) + eps`` (Hu 2025, REINFORCE++ / TRL ``scale_rewards="batch"``);
+    - ``"none"``: nothing (Liu et al. 2025, Dr. GRPO).
+
+    Groups are ``group_size`` consecutive entries of ``rewards`` (``[B]``, ``B`` divisible by ``group_size``). A
+    group of size 1 has std 0 (its advantage is 0).
+    """
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"Unknown scale {scale!r}; expected 'group', 'batch' or 'none'")
+    grouped = _grouped(rewards, group_size)
+    adv = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
+        adv = adv / (std + eps)
+    elif scale == "batch":
+        std = rewards.std() if rewards.numel() > 1 else torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+        adv = adv / (std + eps)
+    return adv.reshape(rewards.shape)
+
+
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """REINFORCE leave-one-out advantages (Ahmadian et al. 2024, "Back to basics"; Kool et al. 2019):
+
+    ``A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean(group))`` with ``G = group_size >= 2`` consecutive
+    entries per group.
+    """
+    grouped = _grouped(rewards, group_size, min_size=2)
+    adv = (grouped - grouped.mean(dim=1, keepdim=True)) * (group_size / (group_size - 1))
+    return adv.reshape(rewards.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GRPO
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def grpo_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    ref_logps: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    beta: float = 0.04,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    loss_type: str = "dapo",
+    kl: str = "k3",
+    max_completion_length: int | None = None,
+    num_items: int | Tensor | None = None,
+    importance_sampling_level: str = "token",
+    kl_ratio_correction: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate GRPO loss (Shao et al. 2024) with TRL's variants.
+
+    Per token: ``l_t = -min(w_t A, clip(w_t, 1 - eps_low, 1 + eps_high) A) + beta * KL_t`` with
+    ``w_t = exp(logp_t - old_logp_t)`` and ``KL_t = kl_estimate(logp_t, ref_logp_t, kl)``; with
+    ``kl_ratio_correction`` the KL term is importance-weighted, ``w_t * KL_t`` (TRL ``use_bias_correction_kl``).
+    ``eps_high`` defaults to ``eps_low``; a larger one is DAPO's clip-higher (Yu et al. 2025).
+    ``importance_sampling_level="sequence"`` is GSPO (Zheng et al. 2025): one weight per sequence,
+    ``w = exp(mean_t(logp_t - old_logp_t))`` over its real tokens.
+
+    Aggregation (``loss_type``):
+
+    - ``"grpo"``: mean over the tokens of each sequence, then mean over sequences (Shao et al. 2024);
+    - ``"bnpo"``: ``sum_t l_t / sum(mask)`` over the local batch;
+    - ``"dr_grpo"``: ``sum_t l_t / (B * max_completion_length)`` (Liu et al. 2025, Dr. GRPO);
+    - ``"dapo"``: ``sum_t l_t / num_items`` (Yu et al. 2025, DAPO token-level loss), ``num_items`` being the
+      number of real tokens of the whole global batch, across accumulation steps and ranks (default: local
+      ``mask.sum()``). The caller owns the reduction convention: Lightning divides a training-step loss by
+      ``accumulate_grad_batches`` and DDP averages gradients over ranks, so pass
+      ``num_items / (accumulate_grad_batches * world_size)`` (TRL passes ``num_items / num_processes``) to get
+      exactly ``sum over all tokens / num_items``.
+
+    Args:
+        logps: ``[B, T]`` current policy token log-probs (with grad).
+        old_logps: ``[B, T]`` log-probs of the policy that sampled (``logps.detach()`` when on-policy).
+        ref_logps: ``[B, T]`` reference log-probs, or None when ``beta == 0``.
+        advantages: ``[B]`` per-sequence advantages (broadcast over tokens) or ``[B, T]``.
+        mask: ``[B, T]`` completion mask.
+
+    Returns:
+        ``(loss, metrics)``: a 0-d loss and detached 0-d tensors ``kl`` (masked mean of the per-token KL term,
+        importance-weighted when corrected, 0 when ``beta == 0``), ``clip_ratio/low_mean`` (``w < 1 - eps_low``
+        and ``A < 0``), ``clip_ratio/high_mean`` (``w > 1 + eps_high`` and ``A > 0``) and
+        ``clip_ratio/region_mean`` (either), as fractions of real tokens (of sequences for GSPO, as in TRL).
+    """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"Unknown GRPO loss_type {loss_type!r}; expected one of {GRPO_LOSS_TYPES}")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    if kl not in KL_ESTIMATORS:
+        raise ValueError(f"Unknown KL estimator {kl!r}; expected one of {KL_ESTIMATORS}")
+    if beta != 0.0 and ref_logps is None:
+        raise ValueError("ref_logps is required when beta != 0")
+    if loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError("loss_type='dr_grpo' requires max_completion_length")
+    eps_low = epsilon_low
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+
+    m = _mask_like(logps, mask)
+    mf = m.to(logps.dtype)
+    logps = _zero_fill(logps, m)
+    old_logps = _zero_fill(old_logps, m)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    else:
+        advantages = _zero_fill(advantages, m)
+    advantages = advantages.to(logps.dtype)
+
+    log_ratio = logps - old_logps
+    if importance_sampling_level == "token":
+        log_w = log_ratio
+    else:
+        log_w = (log_ratio * mf).sum(-1, keepdim=True) / mf.sum(-1, keepdim=True).clamp(min=1)
+    ratio = torch.exp(log_w)  # [B, T] or [B, 1]
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token = -torch.min(ratio * advantages, clipped * advantages)
+
+    per_token_kl = None
+    if beta != 0.0:
+        assert ref_logps is not None
+        per_token_kl = kl_estimate(logps, _zero_fill(ref_logps, m), kl)
+        if kl_ratio_correction:
+            per_token_kl = per_token_kl * ratio
+        per_token = per_token + beta * per_token_kl
+    per_token = per_token * mf  # broadcasts the [B, 1] case; padding is exactly 0 here
+
+    if loss_type == "grpo":
+        loss = (per_token.sum(-1) / mf.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = per_token.sum() / mf.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (per_token.shape[0] * max_completion_length)
+    else:  # dapo
+        normalizer = mf.sum() if num_items is None else num_items
+        if isinstance(normalizer, Tensor):
+            normalizer = normalizer.to(per_token.dtype).clamp(min=1)
+        else:
+            normalizer = max(float(normalizer), 1.0)
+        loss = per_token.sum() / normalizer
+
+    with torch.no_grad():
+        n_tok = mf.sum().clamp(min=1)
+
+        def batch_mean(x: Tensor) -> Tensor:
+            if x.shape[-1] == 1 and m.shape[-1] != 1:  # sequence-level ratio: mean over sequences (TRL)
+                return x.float().mean()
+            return (x.to(mf.dtype) * mf).sum() / n_tok
+
+        low = (ratio < 1 - eps_low) & (advantages < 0)
+        high = (ratio > 1 + eps_high) & (advantages > 0)
+        metrics = {
+            "kl": batch_mean(per_token_kl.detach()) if per_token_kl is not None else logps.new_zeros(()).detach(),
+            "clip_ratio/low_mean": batch_mean(low),
+            "clip_ratio/high_mean": batch_mean(high),
+            "clip_ratio/region_mean": batch_mean(low | high),
+        }
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PPO
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """Generalized Advantage Estimation (Schulman et al. 2016).
+
+    ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}``, ``returns_t = A_t + V_t``,
+    where ``V`` and ``A`` beyond the last real token are 0. Masked positions are not time steps: they get 0
+    advantage and return, and the recursion passes over them (leading zeros from prompt/left padding and trailing
+    zeros from right padding are both fine).
+
+    Args:
+        rewards, values: ``[B, T]`` per-token rewards (e.g. :func:`kl_penalized_rewards`) and value estimates.
+        mask: ``[B, T]`` completion mask.
+
+    Returns:
+        ``(advantages [B, T], returns [B, T])``, 0 outside the mask. Callers normally pass detached values.
+    """
+    m = _mask_like(values, mask)
+    r = _zero_fill(rewards.to(values.dtype), m)
+    v = _zero_fill(values, m)
+    next_value = torch.zeros_like(v[:, 0])
+    next_adv = torch.zeros_like(v[:, 0])
+    advantages = []
+    for t in reversed(range(v.shape[1])):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        adv_t = delta + gamma * lam * next_adv
+        mt = m[:, t]
+        adv_t = torch.where(mt, adv_t, torch.zeros_like(adv_t))
+        advantages.append(adv_t)
+        next_value = torch.where(mt, v[:, t], next_value)
+        next_adv = torch.where(mt, adv_t, next_adv)
+    adv = torch.stack(advantages[::-1], dim=1)
+    returns = _zero_fill(adv + v, m)
+    return adv, returns
+
+
+def ppo_policy_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_eps: float = 0.2,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate (Schulman et al. 2017): masked mean of ``max(-w A, -clip(w, 1-eps, 1+eps) A)``.
+
+    ``w = exp(logp - old_logp)``. With ``dual_clip = c > 1`` (Ye et al. 2020, "Mastering complex control in MOBA
+    games"), tokens with ``A < 0`` are additionally capped: ``min(max(-w A, -clip(w) A), -c A)``.
+
+    Args:
+        logps, old_logps: ``[B, T]`` token log-probs of the current and the sampling policy.
+        advantages: ``[B, T]`` (or ``[B]``, broadcast over tokens).
+        mask: ``[B, T]`` completion mask.
+
+    Returns:
+        ``(loss, metrics)`` with detached ``clipfrac`` (fraction of real tokens where the clipped branch is the
+        active one) and ``approxkl`` (``0.5 * mean((logp - old_logp)^2)``, as in TRL).
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    m = _mask_like(logps, mask)
+    logps = _zero_fill(logps, m)
+    old_logps = _zero_fill(old_logps, m)
+    advantages = advantages.unsqueeze(-1) if advantages.dim() == 1 else _zero_fill(advantages, m)
+    advantages = advantages.to(logps.dtype)
+
+    log_ratio = logps - old_logps
+    ratio = torch.exp(log_ratio)
+    loss1 = -advantages * ratio
+    loss2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    per_token = torch.max(loss1, loss2)
+    if dual_clip is not None:
+        per_token = torch.where(advantages < 0, torch.min(per_token, -dual_clip * advantages), per_token)
+    loss = masked_mean(per_token, m)
+    with torch.no_grad():
+        metrics = {
+            "clipfrac": masked_mean((loss2 > loss1).to(logps.dtype), m),
+            "approxkl": 0.5 * masked_mean(log_ratio.detach().pow(2), m),
+        }
+    return loss, metrics
+
+
+def ppo_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip_eps: float | None = 0.2
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss of PPO (Schulman et al. 2017; the OpenAI baselines form used by TRL):
+
+    ``0.5 * masked_mean(max((v - R)^2, (v_clip - R)^2))`` with ``v_clip = v_old + clamp(v - v_old, -eps, eps)``;
+    ``clip_eps=None`` gives the unclipped ``0.5 * masked_mean((v - R)^2)``.
+
+    Returns:
+        ``(loss, metrics)`` with detached ``vf_clipfrac`` (fraction of real tokens where the clipped error is
+        larger, i.e. active).
+    """
+    m = _mask_like(values, mask)
+    values = _zero_fill(values, m)
+    returns = _zero_fill(returns.to(values.dtype), m)
+    err = (values - returns).pow(2)
+    if clip_eps is None:
+        loss = 0.5 * masked_mean(err, m)
+        return loss, {"vf_clipfrac": values.new_zeros(()).detach()}
+    old_values = _zero_fill(old_values.to(values.dtype), m)
+    clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    err_clipped = (clipped - returns).pow(2)
+    loss = 0.5 * masked_mean(torch.max(err, err_clipped), m)
+    with torch.no_grad():
+        metrics = {"vf_clipfrac": masked_mean((err_clipped > err).to(values.dtype), m)}
+    return loss, metrics

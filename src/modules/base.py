@@ -1,0 +1,292 @@
+"""Shared mechanics of every algorithm: model loading (tiny default, local HF dirs, LoRA), the reference model,
+completion-only log-probs, optimizer + scheduler, and the NaN/Inf guard. Each algorithm subclasses
+:class:`AlignmentModule` in its own file and only writes its step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from src.data import tiny
+from src.losses import entropy_from_logits, token_logps
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------- model loading
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    model_config: dict[str, Any] | None = None,
+    torch_dtype: str | None = None,
+    attn_implementation: str | None = None,
+    auto_class: str = "AutoModelForCausalLM",
+    **kwargs: Any,
+) -> nn.Module:
+    """``"tiny"`` builds the embedded tiny Llama from config (``model_config`` overrides its fields); anything else is
+    loaded with ``from_pretrained`` from a local directory (or the local HF cache; nothing is downloaded)."""
+    import transformers
+
+    if name_or_path == tiny.TINY:
+        if auto_class != "AutoModelForCausalLM":
+            from transformers import LlamaConfig
+
+            cfg = LlamaConfig(**{**tiny.TINY_MODEL_CONFIG, **(model_config or {}), **kwargs})
+            return getattr(transformers, auto_class).from_config(cfg)
+        return tiny.build_model(model_config)
+    if not Path(name_or_path).exists():
+        log.info("model %s is not a local path; trying the local Hugging Face cache", name_or_path)
+    extra: dict[str, Any] = dict(kwargs)
+    if torch_dtype is not None:
+        extra["dtype"] = getattr(torch, torch_dtype) if torch_dtype != "auto" else "auto"
+    if attn_implementation is not None:
+        extra["attn_implementation"] = attn_implementation
+    try:
+        return getattr(transformers, auto_class).from_pretrained(name_or_path, **extra)
+    except OSError as e:
+        raise FileNotFoundError(f"model {name_or_path!r}: not a local directory nor in the HF cache ({e})") from e
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# ------------------------------------------------------------------------------------------------------- log-probs
+def completion_logits(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Logits ``[N, V]`` of only the N positions that predict a completion token, and that ``[B, T-1]`` selector.
+
+    Prompt and padding positions never go through the LM head. Models with logit soft-capping or scaling fall back
+    to the full forward. ``position_ids`` follow the attention mask, so left- and right-padded rows score the same.
+    """
+    target = completion_mask[:, 1:].bool()
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    inner = unwrap(model)
+    cfg = getattr(inner, "config", None)
+    fused_head = not (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
+    if fused_head and hasattr(inner, "get_decoder") and inner.get_output_embeddings() is not None:
+        hidden = inner.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return inner.get_output_embeddings()(hidden[:, :-1][target]), target
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.logits[:, :-1][target], target
+
+
+def scatter_tokens(values: Tensor, target: Tensor) -> Tensor:
+    """Put per-completion-token ``values [N]`` back at their ``[B, T]`` positions (0 elsewhere)."""
+    return F.pad(torch.zeros_like(target, dtype=values.dtype).masked_scatter(target, values), (1, 0))
+
+
+def completion_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs ``[B, T]`` of the completion tokens (0 elsewhere), aligned with ``input_ids``.
+
+    Only completion positions go through the LM head (:func:`completion_logits`) and no full log-softmax copy is
+    kept (log-prob = logit − logsumexp). ``with_entropy`` adds the per-token entropy (no gradient).
+    """
+    logits, target = completion_logits(model, input_ids, attention_mask, completion_mask)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    per_token = scatter_tokens(token_logps(logits, input_ids[:, 1:][target]), target)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = scatter_tokens(entropy_from_logits(logits.detach()), target)
+    return per_token, entropy
+
+
+# -------------------------------------------------------------------------------------------------------- the module
+class AlignmentModule(LightningModule):
+    """Base LightningModule: owns the policy, an optional frozen reference, optimizer and scheduler.
+
+    Args:
+        model_name_or_path: ``"tiny"`` (embedded tiny Llama) or a local HF causal-LM directory.
+        optimizer: any ``torch.optim`` optimizer, e.g. ``{class_path: torch.optim.AdamW, init_args: {lr: 1e-5}}``.
+        lr_scheduler: ``constant`` | ``linear`` | ``cosine``, after ``warmup_steps`` (a fraction of the run if < 1).
+        model_config: overrides of the tiny model's ``LlamaConfig`` fields (tiny default only).
+        torch_dtype / attn_implementation: passed to ``from_pretrained``.
+        lora: ``peft.LoraConfig`` keyword arguments (``r``, ``lora_alpha``, ``target_modules``...); ``None`` = full.
+        gradient_checkpointing: recompute activations in backward (less memory, ~20% slower).
+        dropout: keep the model's dropout; ``False`` (default, as TRL) sets every dropout to 0.
+        nan_policy: ``raise`` stops at the first non-finite loss naming the step; ``skip`` skips and counts it.
+    """
+
+    data_kind: str = "sft"
+    needs_reference: bool = False
+    summary_metrics: tuple[str, ...] = ("train/loss",)
+
+    def __init__(
+        self,
+        model_name_or_path: str = tiny.TINY,
+        *,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: Literal["constant", "linear", "cosine"] = "constant",
+        warmup_steps: float = 0.0,
+        model_config: dict[str, Any] | None = None,
+        torch_dtype: str | None = None,
+        attn_implementation: str | None = None,
+        lora: dict[str, Any] | None = None,
+        gradient_checkpointing: bool = False,
+        dropout: bool = False,
+        nan_policy: Literal["raise", "skip"] = "raise",
+        ref_model_name_or_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        self.model: nn.Module | None = None
+        self.set_reference(None)
+        self.skipped_steps = 0
+
+    # -- models ---------------------------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        h = self.hparams
+        return load_causal_lm(
+            h.model_name_or_path,
+            model_config=h.model_config,
+            torch_dtype=h.torch_dtype,
+            attn_implementation=h.attn_implementation,
+        )
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        h = self.hparams
+        model = self.build_model()
+        if not h.dropout:
+            disable_dropout(model)
+        if self.needs_reference and h.lora is None:
+            # A frozen copy of the initial policy, taken before any checkpoint restore (so resume stays exact).
+            self.set_reference(
+                copy.deepcopy(model)
+                if h.ref_model_name_or_path is None
+                else load_causal_lm(h.ref_model_name_or_path, torch_dtype=h.torch_dtype)
+            )
+        if h.lora is not None:
+            try:
+                from peft import LoraConfig, get_peft_model
+            except ImportError as e:
+                raise ImportError("lora needs peft: pip install -e '.[lora]'") from e
+            model = get_peft_model(model, LoraConfig(**{"task_type": "CAUSAL_LM", **h.lora}))
+            if self.needs_reference and h.ref_model_name_or_path is not None:
+                self.set_reference(load_causal_lm(h.ref_model_name_or_path, torch_dtype=h.torch_dtype))
+        if h.gradient_checkpointing:
+            unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model
+
+    def set_reference(self, model: nn.Module | None) -> None:
+        """Hold the frozen reference outside the module tree: not trained, not wrapped by DDP/FSDP, not in the state
+        dict, no optimizer state; always in eval mode."""
+        if model is not None:
+            model.requires_grad_(False).eval()
+        object.__setattr__(self, "_ref", model)
+
+    @property
+    def ref_model(self) -> nn.Module | None:
+        """The frozen reference on the policy's device and dtype (``None`` for LoRA: the adapter is disabled)."""
+        if self._ref is not None:
+            p = next(self.model.parameters())
+            q = next(self._ref.parameters())
+            if q.device != p.device or (q.dtype != p.dtype and q.is_floating_point()):
+                self._ref.to(device=p.device, dtype=p.dtype)
+        return self._ref
+
+    def reference_logits(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> Tensor:
+        """Reference logits ``[N, V]`` at the completion positions, without autograd (the frozen copy or
+        checkpoint, or the LoRA policy with its adapter disabled)."""
+        with torch.no_grad():
+            if self.ref_model is None:
+                with self.model.disable_adapter():
+                    return completion_logits(self.model, input_ids, attention_mask, completion_mask)[0]
+            return completion_logits(self.ref_model, input_ids, attention_mask, completion_mask)[0]
+
+    def reference_logps(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> Tensor:
+        """Per-token reference log-probs ``[B, T]`` (0 outside the completion), without autograd."""
+        logits = self.reference_logits(input_ids, attention_mask, completion_mask).float()
+        target = completion_mask[:, 1:].bool()
+        return scatter_tokens(token_logps(logits, input_ids[:, 1:][target]), target)
+
+    def policy_logps(self, batch: dict[str, Any], **kw: Any) -> tuple[Tensor, Tensor | None]:
+        return completion_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **kw)
+
+    # -- optimisation ---------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
+        w = self.hparams.warmup_steps
+        warmup = int(w * total) if 0 < w < 1 else int(w)
+        kind = self.hparams.lr_scheduler
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if kind == "linear":
+                return 1.0 - progress
+            if kind == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def check_finite(self, value: Tensor, name: str) -> bool:
+        """``True`` if finite; otherwise raise naming the step and the quantity, or count a skipped step."""
+        if bool(torch.isfinite(value).all()):
+            return True
+        what = "NaN" if bool(torch.isnan(value).any()) else "Inf"
+        msg = f"{type(self).__name__}: {name} is {what} at global step {self.global_step} (batch {self._batch_idx})"
+        if self.hparams.nan_policy == "raise":
+            raise FloatingPointError(msg + "; set model.nan_policy=skip to skip such steps")
+        self.skipped_steps += 1
+        log.warning("%s; skipping the step (%d skipped so far)", msg, self.skipped_steps)
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        return False
+
+    _batch_idx = 0
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        cut = getattr(dm, "truncated", None)
+        if cut and self.logger is not None:
+            self.logger.log_metrics({f"data/truncated_{k}": float(v) for k, v in cut.items()}, step=0)
+
+    def heldout_sequences(self, batch: dict[str, Any]) -> dict[str, Any] | None:
+        """Sequences scored by the held-out statistics of ``LogProbMetrics`` (training-style batches as they are)."""
+        return batch if "input_ids" in batch else None
+
+    @staticmethod
+    def step_output(loss: Tensor, metrics: dict[str, Tensor], **extra: Any) -> dict[str, Any]:
+        """What a step returns: the loss plus per-sample metric tensors the LogProbMetrics callback aggregates."""
+        return {"loss": loss, "metrics": {k: v.detach() for k, v in metrics.items()}, **extra}

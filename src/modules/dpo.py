@@ -1,0 +1,186 @@
+"""Direct Preference Optimization (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is
+Secretly a Reward Model") and its variants, as one LightningModule.
+
+Per step, chosen and rejected sequences of B pairs go through one concatenated forward (2B rows). The sequence
+log-prob is the sum of the completion tokens' log-probs (EOS included; prompt and padding masked). The loss is
+``src.losses.dpo_loss`` (sigmoid, robust, hinge, ipo, exo_pair, nca_pair, apo_zero, apo_down, sppo_hard) or
+``src.losses.simpo_loss`` (reference-free). Reference log-probs come from a frozen copy of the initial policy, a
+separate checkpoint, the LoRA policy with its adapter disabled, or are precomputed once before training.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from src.losses import dpo_loss, simpo_loss
+from src.modules.base import AlignmentModule
+
+LossType = Literal[
+    "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "apo_zero", "apo_down", "sppo_hard", "simpo"
+]
+
+
+class DPO(AlignmentModule):
+    """DPO and friends.
+
+    Args:
+        beta: temperature of the implicit reward ``β·(log π − log π_ref)`` (SimPO: of the length-normalised log-prob).
+        loss_type: see module docstring; ``ipo`` averages log-probs per token as in the IPO paper (and TRL).
+        label_smoothing: conservative DPO / robust DPO noise rate ε.
+        simpo_gamma: SimPO target margin γ (``loss_type: simpo``).
+        rpo_alpha: weight of an NLL term on the chosen completions (RPO, Pang et al. 2024); ``None`` = off.
+        precompute_ref_logps: compute reference log-probs once before training, cache them with the dataset and
+            free the reference model.
+        ref_model_sync_steps / ref_model_mixup_alpha: TR-DPO (Gorbatovski et al. 2024): every k steps
+            ``θ_ref ← α·θ + (1 − α)·θ_ref``; 0 = never.
+        **kwargs: model, optimizer and scheduler options of :class:`AlignmentModule`.
+    """
+
+    data_kind = "preference"
+    needs_reference = True
+    summary_metrics = ("train/loss", "train/rewards/accuracies", "train/rewards/margins")
+
+    def __init__(
+        self,
+        *args: Any,
+        beta: float = 0.1,
+        loss_type: LossType = "sigmoid",
+        label_smoothing: float = 0.0,
+        simpo_gamma: float = 0.5,
+        rpo_alpha: float | None = None,
+        precompute_ref_logps: bool = False,
+        ref_model_sync_steps: int = 0,
+        ref_model_mixup_alpha: float = 0.6,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if loss_type == "simpo":
+            self.needs_reference = False
+        self.save_hyperparameters()
+
+    # -- one concatenated forward ---------------------------------------------------------------------------------
+    def pair_logps(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Policy and reference sequence log-probs of the B chosen and B rejected completions."""
+        h = self.hparams
+        mask = batch["completion_mask"]
+        token_logps, _ = self.policy_logps(batch)
+        lengths = mask[:, 1:].sum(-1).clamp(min=1).to(token_logps.dtype)  # position 0 is never a completion token
+        seq = token_logps.sum(-1)
+        average = h.loss_type in ("ipo", "simpo")
+        if average:
+            seq = seq / lengths
+        b = seq.shape[0] // 2
+        out = {"chosen": seq[:b], "rejected": seq[b:], "lengths": lengths, "token_logps": token_logps}
+        if h.loss_type == "simpo":
+            return out
+        if "ref_chosen_logps" in batch:
+            out["ref_chosen"], out["ref_rejected"] = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            ref_seq = self.reference_logps(batch["input_ids"], batch["attention_mask"], mask).sum(-1)
+            if average:
+                ref_seq = ref_seq / lengths
+            out["ref_chosen"], out["ref_rejected"] = ref_seq[:b], ref_seq[b:]
+        return out
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        h = self.hparams
+        lp = self.pair_logps(batch)
+        if h.loss_type == "simpo":
+            b = lp["chosen"].shape[0]
+            losses, chosen_r, rejected_r = simpo_loss(
+                lp["chosen"] * lp["lengths"][:b],
+                lp["rejected"] * lp["lengths"][b:],
+                lp["lengths"][:b],
+                lp["lengths"][b:],
+                beta=h.beta,
+                gamma=h.simpo_gamma,
+                label_smoothing=h.label_smoothing,
+            )
+        else:
+            losses, chosen_r, rejected_r = dpo_loss(
+                lp["chosen"],
+                lp["rejected"],
+                lp["ref_chosen"],
+                lp["ref_rejected"],
+                beta=h.beta,
+                loss_type=h.loss_type,
+                label_smoothing=h.label_smoothing,
+            )
+        loss = losses.mean()
+        metrics = {
+            "rewards/chosen": chosen_r,
+            "rewards/rejected": rejected_r,
+            "rewards/accuracies": (chosen_r > rejected_r).float(),
+            "rewards/margins": chosen_r - rejected_r,
+            "logps/chosen": lp["chosen"],
+            "logps/rejected": lp["rejected"],
+        }
+        if h.rpo_alpha is not None:
+            b = lp["chosen"].shape[0]
+            chosen_mask = batch["completion_mask"][:b]
+            nll = -lp["token_logps"][:b].sum() / chosen_mask.sum().clamp(min=1)
+            loss = loss + h.rpo_alpha * nll
+            metrics["nll_loss"] = nll.detach().expand(b)
+        return loss, metrics
+
+    # -- Lightning hooks ------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        loss, metrics = self.compute_loss(batch)
+        if not self.check_finite(loss, "DPO loss"):
+            return None
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["index"].numel())
+        return self.step_output(loss, metrics)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        loss, metrics = self.compute_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["index"].numel(), sync_dist=True)
+        return self.step_output(loss, metrics)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        k = self.hparams.ref_model_sync_steps
+        if k and self.ref_model is not None and self.global_step % k == 0 and self.global_step > 0:
+            alpha = self.hparams.ref_model_mixup_alpha
+            with torch.no_grad():
+                for p_ref, p in zip(self.ref_model.parameters(), self.model.parameters()):
+                    p_ref.lerp_(p.detach().to(p_ref.dtype), alpha)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.hparams.precompute_ref_logps and self.hparams.loss_type != "simpo":
+            self.precompute_reference()
+
+    @torch.no_grad()
+    def precompute_reference(self) -> None:
+        """Score every train/val pair once with the reference, store the log-probs on the rows, free the reference."""
+        dm = self.trainer.datamodule
+        for ds in (dm.train_set, dm.val_set):
+            if ds is None or "ref_chosen_logps" in ds[0]:
+                continue
+            loader = torch.utils.data.DataLoader(ds, batch_size=dm.hparams.batch_size, collate_fn=dm.collator())
+            chosen, rejected = [], []
+            for batch in loader:
+                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                lengths = batch["completion_mask"][:, 1:].sum(-1).clamp(min=1)
+                seq = self.reference_logps(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+                seq = seq.sum(-1)
+                if self.hparams.loss_type == "ipo":
+                    seq = seq / lengths
+                b = seq.shape[0] // 2
+                chosen += seq[:b].tolist()
+                rejected += seq[b:].tolist()
+            ds.add_column("ref_chosen_logps", chosen)
+            ds.add_column("ref_rejected_logps", rejected)
+        if self.hparams.ref_model_sync_steps == 0:
+            self.set_reference(None)
+            self.needs_reference = False
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.ref_model_sync_steps and self._ref is not None:
+            checkpoint["ref_model_state_dict"] = self._ref.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "ref_model_state_dict" in checkpoint and self._ref is not None:
+            self._ref.load_state_dict(checkpoint["ref_model_state_dict"])

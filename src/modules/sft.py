@@ -1,0 +1,49 @@
+"""Supervised fine-tuning with a completion-only loss (prompt and padding tokens are masked out).
+
+The loss is the mean negative log-likelihood over the completion tokens of the batch (EOS included). With
+gradient accumulation Lightning averages micro-batch means, which weights micro-batches equally rather than
+tokens; set ``normalize: sequence`` for a per-sequence mean that is invariant to how a batch is split.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from torch import Tensor
+
+from src.losses import masked_mean
+from src.modules.base import AlignmentModule
+
+
+class SFT(AlignmentModule):
+    """Completion-only SFT. ``normalize``: ``token`` (mean over all completion tokens of the batch, as TRL) or
+    ``sequence`` (mean over sequences of each sequence's token mean)."""
+
+    data_kind = "sft"
+    summary_metrics = ("train/loss", "train/mean_token_logp")
+
+    def __init__(self, *args: Any, normalize: Literal["token", "sequence"] = "token", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters()
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        mask = batch["completion_mask"]
+        logps, _ = self.policy_logps(batch)
+        if self.hparams.normalize == "token":
+            loss = -masked_mean(logps, mask)
+        else:
+            loss = -masked_mean(logps, mask, dim=-1).mean()
+        seq_nll = -masked_mean(logps.detach(), mask, dim=-1)
+        return loss, {"nll_per_sequence": seq_nll, "mean_token_logp": -seq_nll}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        loss, metrics = self.compute_loss(batch)
+        if not self.check_finite(loss, "SFT loss"):
+            return None
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["index"].numel())
+        return self.step_output(loss, metrics)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        loss, metrics = self.compute_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["index"].numel(), sync_dist=True)
+        return self.step_output(loss, metrics)

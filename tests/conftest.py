@@ -1,0 +1,53 @@
+"""Shared test helpers: run the CLI in-process inside a temporary working directory."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# A tiny budget that still runs training, validation and the callbacks.
+FAST = [
+    "--trainer.max_steps=3",
+    "--trainer.val_check_interval=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.tiny_rows=96",
+]
+
+
+@pytest.fixture
+def run_cli(tmp_path, monkeypatch):
+    """``run_cli(["fit", "--config", "dpo.yaml", ...])`` runs ``src.cli.main`` in ``tmp_path``; config names are
+    resolved under ``configs/``. Returns the CLI object."""
+    from src.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(args: list[str]):
+        resolved = []
+        for i, a in enumerate(args):
+            if i > 0 and args[i - 1] == "--config" and not os.path.isabs(a):
+                a = str(CONFIGS / a)
+            resolved.append(a)
+        return main(resolved)
+
+    return run
+
+
+def read_metrics(log_dir: str | Path) -> list[dict[str, str]]:
+    with open(Path(log_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]

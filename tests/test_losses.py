@@ -1,0 +1,566 @@
+"""src.losses against hand-computed values (expected numbers are written out or computed with `math`)."""
+
+import math
+
+import pytest
+import torch
+
+from src import losses as L
+from src.losses import (
+    adaptive_kl_update,
+    bradley_terry_loss,
+    dpo_loss,
+    entropy_from_logits,
+    gae,
+    group_advantages,
+    grpo_loss,
+    kl_estimate,
+    kl_penalized_rewards,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    rloo_advantages,
+    simpo_loss,
+    token_logps,
+)
+
+D = torch.float64
+LN2 = math.log(2.0)
+
+
+def t(x, **kw):
+    return torch.tensor(x, dtype=D, **kw)
+
+
+def sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def logsig(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def close(a, b, tol=1e-10):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=D), torch.as_tensor(b, dtype=D), rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------------------------------------ token_logps
+
+
+def test_token_logps_hand_value():
+    logits = torch.log(t([[1.0, 2.0, 3.0], [4.0, 4.0, 8.0]]))
+    out = token_logps(logits, torch.tensor([2, 0]))
+    close(out, [math.log(0.5), math.log(0.25)])
+
+
+def test_token_logps_matches_log_softmax_values_and_grads():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7, dtype=D, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 3))
+    for temperature in (1.0, 0.7):
+        ref_logits = logits.detach().clone().requires_grad_()
+        ref = torch.log_softmax(ref_logits / temperature, -1).gather(-1, labels[..., None]).squeeze(-1)
+        out = token_logps(logits, labels, temperature=temperature)
+        assert out.shape == (2, 3) and out.dtype == D
+        close(out, ref)
+        w = torch.randn(2, 3, dtype=D)
+        (g,) = torch.autograd.grad((out * w).sum(), logits)
+        (g_ref,) = torch.autograd.grad((ref * w).sum(), ref_logits)
+        close(g, g_ref)
+    assert torch.autograd.gradcheck(lambda x: token_logps(x, labels, temperature=0.7), (logits,))
+
+
+def test_token_logps_any_leading_shape_noncontiguous_and_ignore_index():
+    torch.manual_seed(1)
+    full = torch.randn(2, 5, 6, dtype=D)
+    logits = full[:, :-1]  # the usual shifted slice: not viewable as [N, V]
+    labels = torch.randint(0, 6, (2, 4))
+    ref = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+    close(token_logps(logits, labels), ref)
+    close(token_logps(logits.reshape(8, 6), labels.reshape(8)), ref.reshape(8))
+    labels[0, 1] = -100
+    out = token_logps(logits, labels)
+    assert out[0, 1] == 0.0
+    close(out[1], ref[1])
+
+
+def test_token_logps_chunked_path(monkeypatch):
+    monkeypatch.setattr(L, "_CHUNK_ELEMENTS", 10)  # forces one row per chunk
+    torch.manual_seed(2)
+    logits = torch.randn(3, 4, 5, dtype=D, requires_grad=True)
+    labels = torch.randint(0, 5, (3, 4))
+    out = token_logps(logits, labels, temperature=1.3)
+    ref = torch.log_softmax(logits / 1.3, -1).gather(-1, labels[..., None]).squeeze(-1)
+    close(out, ref)
+    (g,) = torch.autograd.grad(out.sum(), logits)
+    (g_ref,) = torch.autograd.grad(ref.sum(), logits)
+    close(g, g_ref)
+
+
+def test_token_logps_bf16_upcasts_to_float32():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 3, 11).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 11, (2, 3))
+    out = token_logps(logits, labels)
+    assert out.dtype == torch.float32
+    ref = torch.log_softmax(logits.detach().float(), -1).gather(-1, labels[..., None]).squeeze(-1)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)  # exact up to fp32 rounding of bf16 inputs
+    out.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad).all()
+
+
+def test_entropy_from_logits():
+    close(entropy_from_logits(torch.zeros(2, 3, 8, dtype=D)), torch.full((2, 3), math.log(8), dtype=D))
+    p = [1 / 6, 2 / 6, 3 / 6]
+    close(entropy_from_logits(torch.log(t(p))), -sum(q * math.log(q) for q in p))
+    close(entropy_from_logits(t([0.0, 0.0, -math.inf])), LN2)  # masked-out vocabulary entries: 0 log 0 = 0
+
+
+# ------------------------------------------------------------------------------------------------ masked stats
+
+X = [[1.0, 2.0, 100.0], [3.0, 4.0, 5.0]]
+M = [[1, 1, 0], [1, 1, 1]]
+
+
+def test_masked_mean_sum_var():
+    x, m = t(X), torch.tensor(M)
+    close(masked_mean(x, m), 3.0)  # (1+2+3+4+5)/5
+    close(masked_mean(x, m, dim=1), [1.5, 4.0])
+    close(masked_sum(x, m), 15.0)
+    close(masked_sum(x, m, dim=0), [4.0, 6.0, 5.0])
+    close(masked_var(x, m), 2.5)  # squared deviations 4+1+0+1+4 = 10, / 4
+    close(masked_var(x, m, unbiased=False), 2.0)
+    close(masked_var(x, m, dim=1), [0.5, 1.0])
+    close(masked_mean(x, torch.zeros(2, 3)), 0.0)  # empty mask -> 0, not NaN
+    close(masked_var(t([7.0]), torch.ones(1)), 0.0)  # a single entry -> 0, not NaN
+
+
+def test_masked_whiten():
+    x, m = t(X), torch.tensor(M)
+    s = math.sqrt(2.5 + 1e-8)
+    close(masked_whiten(x, m), [[-2 / s, -1 / s, 0.0], [0.0, 1 / s, 2 / s]])
+    close(masked_whiten(x, m, shift_mean=False), [[3 - 2 / s, 3 - 1 / s, 0.0], [3.0, 3 + 1 / s, 3 + 2 / s]])
+
+
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), -1e30, 12345.0])
+def test_masked_stats_ignore_padding_garbage(garbage):
+    x = t(X, requires_grad=True)
+    bad = x.detach().clone()
+    bad[0, 2] = garbage
+    bad.requires_grad_()
+    m = torch.tensor(M)
+    for fn in (masked_mean, masked_sum, masked_var, masked_whiten):
+        a, b = fn(x, m), fn(bad, m)
+        close(a, b)
+        (gb,) = torch.autograd.grad(b.sum(), bad)
+        assert torch.isfinite(gb).all() and gb[0, 2] == 0
+
+
+# ------------------------------------------------------------------------------------------------ KL
+
+
+def test_kl_estimators_hand_values():
+    logp, ref = t([-1.0]), t([-1.5])
+    close(kl_estimate(logp, ref, "k1"), [0.5])
+    close(kl_estimate(logp, ref, "k2"), [0.125])
+    close(kl_estimate(logp, ref, "k3"), [math.exp(-0.5) - 0.5])
+    with pytest.raises(ValueError, match="k4"):
+        kl_estimate(logp, ref, "k4")
+
+
+def test_kl_estimators_expectations_and_nonnegativity():
+    # Under y ~ p, E[k1] = E[k3] = KL(p || q) exactly (Schulman 2020).
+    p, q = [0.2, 0.3, 0.5], [0.4, 0.4, 0.2]
+    kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    logp, logq = torch.log(t(p)), torch.log(t(q))
+    close((t(p) * kl_estimate(logp, logq, "k1")).sum(), kl)
+    close((t(p) * kl_estimate(logp, logq, "k3")).sum(), kl)
+    torch.manual_seed(0)
+    a, b = torch.randn(1000, dtype=D) * 3, torch.randn(1000, dtype=D) * 3
+    assert (kl_estimate(a, b, "k3") >= 0).all() and (kl_estimate(a, b, "k2") >= 0).all()
+
+
+def test_kl_penalized_rewards():
+    logps = t([[9.0, -1.0, -2.0, 9.0], [-1.0, -1.0, -1.0, -1.0], [7.0, 7.0, 7.0, 7.0]])
+    ref = t([[9.0, -1.5, -1.0, 9.0], [-1.0, -2.0, -0.5, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    scores = t([2.0, -1.0, 5.0])
+    rewards, kl = kl_penalized_rewards(scores, logps, ref, mask, beta=0.1)
+    close(kl, [[0.0, 0.5, -1.0, 0.0], [0.0, 1.0, -0.5, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    close(rewards, [[0.0, -0.05, 0.1 + 2.0, 0.0], [0.0, -0.1, 0.05, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    close(rewards.sum(-1)[:2], scores[:2] - 0.1 * kl.sum(-1)[:2])
+    _, kl3 = kl_penalized_rewards(scores, logps, ref, mask, beta=0.1, kind="k3")
+    close(kl3[0, 1], math.exp(-0.5) - 0.5)
+
+
+def test_adaptive_kl_update():
+    close(adaptive_kl_update(0.1, 6.0, target=6.0, horizon=10000, n_steps=256), 0.1)
+    close(adaptive_kl_update(0.1, 5.4, target=6.0, horizon=10000, n_steps=256), 0.1 * (1 - 0.1 * 256 / 10000))
+    close(adaptive_kl_update(0.1, 9.0, target=6.0, horizon=10000, n_steps=256), 0.1 * (1 + 0.2 * 0.0256))  # clip
+    close(adaptive_kl_update(0.1, t(0.0), target=6.0, horizon=10000, n_steps=256), 0.1 * (1 - 0.2 * 0.0256))
+
+
+# ------------------------------------------------------------------------------------------------ DPO & friends
+
+BETA = 0.1
+
+
+def _dpo(loss_type, ls=0.0, pc=-10.0, pr=-12.0, rc=-11.0, rr=-11.0, beta=BETA):
+    return dpo_loss(t([pc]), t([pr]), t([rc]), t([rr]), beta=beta, loss_type=loss_type, label_smoothing=ls)
+
+
+@pytest.mark.parametrize(
+    "loss_type,ls,expected",
+    [
+        ("sigmoid", 0.0, LN2),
+        ("sigmoid", 0.1, LN2),
+        ("sigmoid", 0.3, LN2),
+        ("robust", 0.0, LN2),
+        ("robust", 0.2, LN2),
+        ("hinge", 0.0, 1.0),
+        ("ipo", 0.0, 1 / (4 * BETA**2)),
+        ("exo_pair", 0.0, -LN2 - 0.5 * math.log(1e-3 * (1 - 1e-3))),
+        ("exo_pair", 0.01, -LN2 - 0.5 * math.log(0.01 * 0.99)),
+        ("nca_pair", 0.0, 2 * LN2),
+        ("sppo_hard", 0.0, 0.5 / BETA**2),
+        ("apo_zero", 0.0, 1.0),
+        ("apo_down", 0.0, 1.0),
+    ],
+)
+def test_dpo_step0_identities(loss_type, ls, expected):
+    # policy == reference: every log-ratio is 0, whatever the log-probs themselves are
+    torch.manual_seed(0)
+    c, r = -torch.rand(4, dtype=D) * 20, -torch.rand(4, dtype=D) * 20
+    losses, cr, rr = dpo_loss(c, r, c.clone(), r.clone(), beta=BETA, loss_type=loss_type, label_smoothing=ls)
+    close(losses, torch.full((4,), expected, dtype=D))
+    close(cr, torch.zeros(4))
+    close(rr, torch.zeros(4))
+
+
+@pytest.mark.parametrize(
+    "loss_type,ls,expected",
+    [  # c = 1, r = -1, h = 2, beta * h = 0.2
+        ("sigmoid", 0.0, math.log1p(math.exp(-0.2))),
+        ("sigmoid", 0.1, 0.9 * math.log1p(math.exp(-0.2)) + 0.1 * math.log1p(math.exp(0.2))),
+        ("robust", 0.1, (0.9 * math.log1p(math.exp(-0.2)) - 0.1 * math.log1p(math.exp(0.2))) / 0.8),
+        ("hinge", 0.0, 0.8),
+        ("ipo", 0.0, (2 - 5) ** 2),
+        (
+            "exo_pair",
+            0.0,
+            sig(0.2) * (logsig(0.2) - math.log(0.999)) + sig(-0.2) * (logsig(-0.2) - math.log(0.001)),
+        ),
+        ("nca_pair", 0.0, -logsig(0.1) - 0.5 * logsig(-0.1) - 0.5 * logsig(0.1)),
+        ("apo_zero", 0.0, 1 - sig(0.1) + sig(-0.1)),
+        ("apo_down", 0.0, sig(0.1) + 1 - sig(0.2)),
+        ("sppo_hard", 0.0, (1 - 5) ** 2 + (-1 + 5) ** 2),
+    ],
+)
+def test_dpo_hand_values(loss_type, ls, expected):
+    losses, chosen_rewards, rejected_rewards = _dpo(loss_type, ls)
+    close(losses, [expected])
+    close(chosen_rewards, [0.1])
+    close(rejected_rewards, [-0.1])
+    assert not chosen_rewards.requires_grad
+
+
+@pytest.mark.parametrize("loss_type", L.DPO_LOSS_TYPES)
+def test_dpo_gradient_pushes_chosen_up_rejected_down(loss_type):
+    pc, pr = t([-10.0], requires_grad=True), t([-12.0], requires_grad=True)
+    losses, cr, _ = dpo_loss(pc, pr, t([-10.0]), t([-12.0]), beta=BETA, loss_type=loss_type)
+    gc, gr = torch.autograd.grad(losses.sum(), (pc, pr))
+    if loss_type == "apo_down":  # APO-down lowers both; at step 0 the chosen gradient is exactly 0
+        close(gc, [0.0])
+    else:
+        assert gc.item() < 0  # gradient descent increases log pi(chosen)
+    assert gr.item() > 0  # and decreases log pi(rejected)
+
+
+def test_dpo_bad_arguments():
+    with pytest.raises(ValueError, match="sigmoid"):
+        _dpo("kto")
+    with pytest.raises(ValueError):
+        _dpo("robust", ls=0.5)
+
+
+def test_simpo_loss():
+    # avg logps: chosen -4/4 = -1, rejected -9/6 = -1.5; u = 2 * 0.5 - 0.5 = 0.5
+    args = (t([-4.0]), t([-9.0]), torch.tensor([4]), torch.tensor([6]))
+    losses, cr, rr = simpo_loss(*args, beta=2.0, gamma=0.5)
+    close(losses, [math.log1p(math.exp(-0.5))])
+    close(cr, [-2.0])
+    close(rr, [-3.0])
+    losses, _, _ = simpo_loss(*args, beta=2.0, gamma=0.5, label_smoothing=0.2)
+    close(losses, [0.8 * math.log1p(math.exp(-0.5)) + 0.2 * math.log1p(math.exp(0.5))])
+
+
+def test_bradley_terry_loss():
+    close(bradley_terry_loss(t([0.3, -2.0]), t([0.3, -2.0])), [LN2, LN2])
+    close(bradley_terry_loss(t([[2.0]]), t([[0.5]])), [math.log1p(math.exp(-1.5))])  # [B, 1] scores
+    close(bradley_terry_loss(t([2.0]), t([0.5]), margin=t([0.5])), [math.log1p(math.exp(-1.0))])
+    out = bradley_terry_loss(t([2.0]), t([0.5]), center_rewards_coefficient=0.01)
+    close(out, [math.log1p(math.exp(-1.5)) + 0.01 * 2.5**2])
+
+
+# ------------------------------------------------------------------------------------------------ advantages
+
+R = [1.0, 2.0, 3.0, 0.0, 0.0, 6.0]
+
+
+def test_group_advantages_hand_values():
+    r = t(R)
+    e = 1e-4
+    s2 = math.sqrt(12.0)  # group 2: deviations -2, -2, 4 -> (4 + 4 + 16) / 2 = 12
+    close(group_advantages(r, 3), [-1 / (1 + e), 0.0, 1 / (1 + e), -2 / (s2 + e), -2 / (s2 + e), 4 / (s2 + e)])
+    sb = math.sqrt(26 / 5)  # all six: mean 2, squared deviations 1+0+1+4+4+16 = 26
+    close(group_advantages(r, 3, scale="batch"), [x / (sb + e) for x in [-1.0, 0.0, 1.0, -2.0, -2.0, 4.0]])
+    close(group_advantages(r, 3, scale="none"), [-1.0, 0.0, 1.0, -2.0, -2.0, 4.0])
+    for scale in ("group", "batch", "none"):
+        close(group_advantages(r, 3, scale=scale).view(2, 3).sum(1), [0.0, 0.0])
+    close(group_advantages(t([1.0, 1.0, 5.0, 5.0]), 2), [0.0, 0.0, 0.0, 0.0])  # zero-std groups stay finite
+    with pytest.raises(ValueError):
+        group_advantages(r, 4)
+    with pytest.raises(ValueError):
+        group_advantages(r, 3, scale="rank")
+
+
+def test_rloo_advantages():
+    close(rloo_advantages(t(R), 3), [1 - 2.5, 2 - 2.0, 3 - 1.5, 0 - 3.0, 0 - 3.0, 6 - 0.0])
+    with pytest.raises(ValueError):
+        rloo_advantages(t(R), 4)
+    with pytest.raises(ValueError):
+        rloo_advantages(t(R), 1)
+
+
+# ------------------------------------------------------------------------------------------------ GRPO
+
+GM = torch.tensor([[1, 1, 0], [1, 1, 1]])
+GLOGPS = [[-1.0, -2.0, 0.0], [-0.5, -1.0, -1.5]]
+GREF = [[-1.5, -2.0, 0.0], [-0.5, -0.5, -1.0]]
+GA = [1.0, -0.5]
+K_A = math.exp(-0.5) - 0.5  # k3 at d = ref - logp = -0.5
+K_B = math.exp(0.5) - 1.5  # k3 at d = +0.5
+B04 = 0.04
+# on-policy per-token losses -A + beta * KL; the padded token is excluded
+ROW0 = [-1 + B04 * K_A, -1.0]
+ROW1 = [0.5, 0.5 + B04 * K_B, 0.5 + B04 * K_B]
+TOTAL = sum(ROW0) + sum(ROW1)
+
+
+@pytest.mark.parametrize(
+    "loss_type,kw,expected",
+    [
+        ("grpo", {}, (sum(ROW0) / 2 + sum(ROW1) / 3) / 2),
+        ("bnpo", {}, TOTAL / 5),
+        ("dr_grpo", {"max_completion_length": 4}, TOTAL / (2 * 4)),
+        ("dapo", {}, TOTAL / 5),
+        ("dapo", {"num_items": 10}, TOTAL / 10),
+        ("dapo", {"num_items": torch.tensor(10)}, TOTAL / 10),
+    ],
+)
+def test_grpo_on_policy_hand_values(loss_type, kw, expected):
+    logps = t(GLOGPS, requires_grad=True)
+    loss, metrics = grpo_loss(logps, logps.detach(), t(GREF), t(GA), GM, beta=B04, loss_type=loss_type, **kw)
+    close(loss, expected)
+    close(metrics["kl"], (K_A + 2 * K_B) / 5)
+    for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        close(metrics[k], 0.0)
+    assert all(not v.requires_grad and v.dim() == 0 for v in metrics.values())
+
+
+def test_grpo_padding_garbage_is_ignored():
+    def run(pad):
+        logps = t(GLOGPS)
+        logps[0, 2] = pad
+        logps.requires_grad_()
+        old, ref = logps.detach().clone(), t(GREF)
+        old[0, 2], ref[0, 2] = -pad, pad
+        out = grpo_loss(logps, old, ref, t(GA), GM, loss_type="grpo")[0]
+        return out, torch.autograd.grad(out, logps)[0]
+
+    loss, grad = run(0.0)
+    for pad in (float("nan"), float("inf"), 1e4):
+        loss2, grad2 = run(pad)
+        close(loss2, loss)
+        close(grad2, grad)
+
+
+RATIOS = [1.3, 1.25, 0.7, 0.85, 1.5, 0.5]
+ADVS = [1.0, 1.0, -1.0, -1.0, -1.0, 1.0]
+
+
+def test_grpo_clip_higher():
+    # eps_low = 0.2, eps_high = 0.28: per-token -min(wA, clip(w, 0.8, 1.28) A)
+    logps = torch.log(t(RATIOS)).unsqueeze(-1).requires_grad_()
+    old, mask = torch.zeros(6, 1, dtype=D), torch.ones(6, 1)
+    loss, metrics = grpo_loss(logps, old, None, t(ADVS), mask, beta=0.0, epsilon_high=0.28, loss_type="bnpo")
+    per_token = [-1.28, -1.25, 0.8, 0.85, 1.5, -0.5]  # clipped: token 0 (high), token 2 (low)
+    close(loss, sum(per_token) / 6)
+    close(metrics["clip_ratio/high_mean"], 1 / 6)
+    close(metrics["clip_ratio/low_mean"], 1 / 6)
+    close(metrics["clip_ratio/region_mean"], 2 / 6)
+    close(metrics["kl"], 0.0)
+    # d/dlogp of -wA is -wA on unclipped tokens, 0 on clipped ones
+    (g,) = torch.autograd.grad(loss, logps)
+    close(g.squeeze(-1), [0.0, -1.25 / 6, 0.0, 0.85 / 6, 1.5 / 6, -0.5 / 6])
+
+    # symmetric clipping (epsilon_high=None -> 0.2) clips 1.25 as well
+    loss, metrics = grpo_loss(logps, old, None, t(ADVS), mask, beta=0.0, loss_type="bnpo")
+    close(loss, (-1.2 - 1.2 + 0.8 + 0.85 + 1.5 - 0.5) / 6)
+    close(metrics["clip_ratio/high_mean"], 2 / 6)
+
+
+def test_grpo_sequence_level_importance_sampling():
+    # GSPO: one ratio per sequence from the mean token log-ratio over real tokens
+    logps = t([[0.1, 0.3, 99.0], [0.0, 0.3, -0.6]], requires_grad=True)
+    old = torch.zeros(2, 3, dtype=D)
+    w1 = math.exp(-0.1)  # row 0: exp(0.2) = 1.2214 > 1.2 with A = +1 -> clipped to 1.2
+    loss, metrics = grpo_loss(
+        logps, old, None, t([1.0, -1.0]), GM, beta=0.0, loss_type="grpo", importance_sampling_level="sequence"
+    )
+    close(loss, (-1.2 + w1) / 2)
+    close(metrics["clip_ratio/high_mean"], 0.5)  # fraction of sequences, as in TRL
+    close(metrics["clip_ratio/low_mean"], 0.0)
+    (g,) = torch.autograd.grad(loss, logps)
+    close(g, [[0.0, 0.0, 0.0], [w1 / 3 / 2, w1 / 3 / 2, w1 / 3 / 2]])
+
+
+def test_grpo_kl_ratio_correction_gradient():
+    # one token, on-policy, ref - logp = -1: KL = e^-1, dKL/dlogp = 1 - e^-1; the corrected term w*KL adds KL
+    logps = t([[0.0]], requires_grad=True)
+    kw = dict(beta=0.5, loss_type="bnpo")
+    for correction, expected in ((True, 0.5), (False, 0.5 * (1 - math.exp(-1)))):
+        loss, m = grpo_loss(
+            logps, logps.detach(), t([[-1.0]]), t([0.0]), torch.ones(1, 1), **kw, kl_ratio_correction=correction
+        )
+        close(loss, 0.5 * math.exp(-1))
+        close(torch.autograd.grad(loss, logps)[0], [[expected]])
+    # off-policy: the KL term is importance-weighted, w = e^0.5
+    loss, m = grpo_loss(t([[0.5]]), t([[0.0]]), t([[0.0]]), t([0.0]), torch.ones(1, 1), **kw)
+    close(loss, 0.5 * math.exp(0.5) * (math.exp(-0.5) - 0.5))
+    close(m["kl"], math.exp(0.5) * (math.exp(-0.5) - 0.5))
+
+
+@pytest.mark.parametrize("kind,expected", [("k1", 0.5), ("k2", 0.125), ("k3", math.exp(-0.5) - 0.5)])
+def test_grpo_kl_kinds(kind, expected):
+    logps = t([[-1.0]])
+    loss, m = grpo_loss(logps, logps, t([[-1.5]]), t([0.0]), torch.ones(1, 1), beta=1.0, kl=kind)
+    close(loss, expected)
+    close(m["kl"], expected)
+
+
+def test_grpo_dapo_gradient_accumulation_equivalence():
+    torch.manual_seed(0)
+    B, T = 16, 5
+    logps = (-torch.rand(B, T, dtype=D) * 3).requires_grad_()
+    old = logps.detach() + 0.3 * torch.randn(B, T, dtype=D)
+    ref = logps.detach() + 0.3 * torch.randn(B, T, dtype=D)
+    adv = torch.randn(B, dtype=D)
+    lengths = torch.randint(1, T + 1, (B,))
+    mask = (torch.arange(T)[None] < lengths[:, None]).to(D)
+    kw = dict(beta=0.04, epsilon_high=0.28, loss_type="dapo")
+    full, _ = grpo_loss(logps, old, ref, adv, mask, **kw)
+    (g_full,) = torch.autograd.grad(full, logps)
+    n = int(mask.sum())
+    g_acc = torch.zeros_like(logps)
+    for sl in (slice(0, 8), slice(8, 16)):
+        half, _ = grpo_loss(logps[sl], old[sl], ref[sl], adv[sl], mask[sl], num_items=n, **kw)
+        g_acc = g_acc + torch.autograd.grad(half, logps)[0]
+    close(g_acc, g_full)
+    assert g_full.abs().sum() > 0
+
+
+def test_grpo_bad_arguments():
+    logps = t(GLOGPS)
+    with pytest.raises(ValueError, match="ref_logps"):
+        grpo_loss(logps, logps, None, t(GA), GM, beta=0.04)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        grpo_loss(logps, logps, t(GREF), t(GA), GM, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="dapo"):
+        grpo_loss(logps, logps, t(GREF), t(GA), GM, loss_type="ppo")
+    with pytest.raises(ValueError):
+        grpo_loss(logps, logps, t(GREF), t(GA), GM, importance_sampling_level="batch")
+
+
+# ------------------------------------------------------------------------------------------------ PPO
+
+
+def test_gae_hand_unrolled_with_padding():
+    nan = float("nan")
+    rewards = t([[nan, 0.0, 0.0, 1.0, nan], [0.0, 0.0, 0.0, 0.0, 2.0]])
+    values = t([[nan, 0.5, 0.6, 0.7, nan], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    a3 = 1.0 - 0.7  # V beyond the last real token is 0
+    a2 = (0.7 - 0.6) + 0.95 * a3
+    a1 = (0.6 - 0.5) + 0.95 * a2
+    b4 = 2.0 - 1.0
+    b3 = 0.95 * b4
+    b2, b1, b0 = 0.95 * b3, 0.95**3 * b4, 0.95**4 * b4
+    close(adv, [[0.0, a1, a2, a3, 0.0], [b0, b1, b2, b3, b4]])
+    close(ret, [[0.0, a1 + 0.5, a2 + 0.6, a3 + 0.7, 0.0], [b0 + 1, b1 + 1, b2 + 1, b3 + 1, b4 + 1]])
+
+    adv, _ = gae(rewards, values, mask, gamma=0.9, lam=0.95)
+    a3 = 1.0 - 0.7
+    a2 = (0.9 * 0.7 - 0.6) + 0.9 * 0.95 * a3
+    a1 = (0.9 * 0.6 - 0.5) + 0.9 * 0.95 * a2
+    close(adv[0], [0.0, a1, a2, a3, 0.0])
+    close(adv[1, 4], 1.0)
+    close(adv[1, 3], (0.9 * 1.0 - 1.0) + 0.855 * 1.0)
+
+
+def _ppo_inputs(pad=0.0):
+    # ratios 1.5, 0.5, 0.5, 3.0 and a padded last token
+    logps = t([[math.log(1.5), math.log(0.5), math.log(0.5), math.log(3.0), pad]], requires_grad=True)
+    return logps, torch.zeros(1, 5, dtype=D), t([[1.0, 1.0, -1.0, -1.0, pad]]), torch.tensor([[1, 1, 1, 1, 0]])
+
+
+def test_ppo_policy_loss_clipping_and_dual_clip():
+    logps, old, adv, mask = _ppo_inputs()
+    loss, m = ppo_policy_loss(logps, old, adv, mask, clip_eps=0.2)
+    # max(-wA, -clip(w)A): -1.2 (clipped), -0.5, 0.8 (clipped), 3.0
+    close(loss, (-1.2 - 0.5 + 0.8 + 3.0) / 4)
+    close(m["clipfrac"], 0.5)
+    close(m["approxkl"], 0.5 * (math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2 + math.log(3.0) ** 2) / 4)
+    (g,) = torch.autograd.grad(loss, logps)
+    close(g, [[0.0, -0.5 / 4, 0.0, 3.0 / 4, 0.0]])
+
+    loss, _ = ppo_policy_loss(logps, old, adv, mask, clip_eps=0.2, dual_clip=2.0)
+    close(loss, (-1.2 - 0.5 + 0.8 + 2.0) / 4)  # A < 0 and w = 3: capped at -c A = 2
+    with pytest.raises(ValueError):
+        ppo_policy_loss(logps, old, adv, mask, dual_clip=0.5)
+
+    for pad in (float("nan"), float("inf")):
+        lp, old2, adv2, _ = _ppo_inputs(pad)
+        old2[0, 4] = pad
+        loss2, _ = ppo_policy_loss(lp, old2, adv2, mask)
+        close(loss2, (-1.2 - 0.5 + 0.8 + 3.0) / 4)
+        assert torch.isfinite(torch.autograd.grad(loss2, lp)[0]).all()
+
+
+def test_ppo_policy_loss_sequence_advantages_broadcast():
+    logps = t([[0.0, 0.0], [0.0, 0.0]])
+    loss, m = ppo_policy_loss(logps, logps, t([1.0, -3.0]), torch.ones(2, 2))
+    close(loss, (-1 - 1 + 3 + 3) / 4)
+    close(m["clipfrac"], 0.0)
+    close(m["approxkl"], 0.0)
+
+
+def test_ppo_value_loss():
+    values = t([[1.0, 0.6, 0.0, 2.0, 7.0]], requires_grad=True)
+    old = t([[0.5, 0.5, 0.5, 1.0, -7.0]])
+    returns = t([[2.0, 0.0, 0.0, 0.0, float("nan")]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    # v_clip = 0.7, 0.6, 0.3, 1.2; max(err, err_clip) = 1.69*, 0.36, 0.09*, 4.0  (* = clipped branch active)
+    loss, m = ppo_value_loss(values, old, returns, mask, clip_eps=0.2)
+    close(loss, 0.5 * (1.69 + 0.36 + 0.09 + 4.0) / 4)
+    close(m["vf_clipfrac"], 0.5)
+    (g,) = torch.autograd.grad(loss, values)
+    close(g, [[0.0, 0.5 * 2 * 0.6 / 4, 0.0, 0.5 * 2 * 2.0 / 4, 0.0]])
+    loss, m = ppo_value_loss(values, old, returns, mask, clip_eps=None)
+    close(loss, 0.5 * (1.0 + 0.36 + 0.0 + 4.0) / 4)
+    close(m["vf_clipfrac"], 0.0)
