@@ -36,9 +36,6 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.config.update({"config_yaml": config}, allow_val_change=True)
-                path = os.path.join(trainer.log_dir or ".", "config.yaml")
-                if os.path.exists(path):
-                    logger.experiment.save(path, base_path=os.path.dirname(path), policy="now")
             logger.log_hyperparams(self.config.as_dict())
 
 
@@ -48,6 +45,12 @@ class AlignCLI(LightningCLI):
         parser.add_lightning_class_args(LogProbMetrics, "logprob_metrics")
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(FitSummary, "fit_summary")
+
+    def after_fit(self) -> None:
+        """Close W&B runs so offline runs are complete on disk (summary, config, files) when ``fit`` returns."""
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                logger.experiment.finish()
 
 
 def main(args: list[str] | None = None, run: bool = True) -> AlignCLI:

@@ -156,6 +156,13 @@ class DPO(AlignmentModule):
     def precompute_reference(self) -> None:
         """Score every train/val pair once with the reference, store the log-probs on the rows, free the reference."""
         dm = self.trainer.datamodule
+        with torch.random.fork_rng(devices=[]):  # iterating a DataLoader draws a seed: keep the run's RNG stream
+            self._precompute(dm)
+        if self.hparams.ref_model_sync_steps == 0:
+            self.set_reference(None)
+            self.needs_reference = False
+
+    def _precompute(self, dm) -> None:
         for ds in (dm.train_set, dm.val_set):
             if ds is None or "ref_chosen_logps" in ds[0]:
                 continue
@@ -173,9 +180,6 @@ class DPO(AlignmentModule):
                 rejected += seq[b:].tolist()
             ds.add_column("ref_chosen_logps", chosen)
             ds.add_column("ref_rejected_logps", rejected)
-        if self.hparams.ref_model_sync_steps == 0:
-            self.set_reference(None)
-            self.needs_reference = False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.hparams.ref_model_sync_steps and self._ref is not None:
