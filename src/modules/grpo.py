@@ -1,0 +1,327 @@
+"""Group Relative Policy Optimization (Shao et al. 2024, "DeepSeekMath"), with the options of TRL's GRPOTrainer:
+DAPO (Yu et al. 2025: clip-higher, token-level loss), Dr. GRPO (Liu et al. 2025: no std scaling, constant
+normaliser), GSPO (Zheng et al. 2025: sequence-level importance ratio) and RLOO advantages (Ahmadian et al. 2024).
+
+One training step of Lightning (one batch of P prompts) is one *generation round*:
+
+1. sample ``num_generations`` (G) completions per prompt with ``src.rollout.generate`` (KV cache, eval mode, no
+   autograd); the EOS is part of the completion and of its mask, everything after it is masked;
+2. score them with the reward functions (``src.rewards.RewardScorer``) and turn rewards into per-sequence
+   advantages within each group of G (``group_advantages`` or ``rloo_advantages``);
+3. compute old per-token log-probs (only when the policy moves before a sample is used: ``num_iterations > 1`` or
+   ``steps_per_generation > 1``) and reference log-probs (only when ``beta > 0``);
+4. ``num_iterations`` passes (μ) over the buffer, each split into ``steps_per_generation`` optimizer steps, each
+   accumulated over micro-batches of ``micro_batch_size`` completions, minimising ``src.losses.grpo_loss``.
+
+The ``dapo`` normaliser counts the active tokens of the whole optimizer step: every micro-batch and every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from src.losses import group_advantages, grpo_loss, masked_mean, rloo_advantages
+from src.modules.base import AlignmentModule, completion_logps
+from src.rewards import RewardScorer
+from src.rollout import Rollout, SamplingConfig, generate
+
+
+class GRPO(AlignmentModule):
+    """GRPO and its variants (manual optimization).
+
+    Args:
+        reward_funcs: reward functions by import path (``src.rewards.digit_fraction``), callables, or
+            ``{class_path, init_args}`` (e.g. ``src.rewards.RewardModelScorer``); see ``src/rewards.py``.
+        reward_weights: one weight per function (default 1 each); the total is the weighted sum, None-safe.
+        reward_timeout_s: a reward function that runs longer raises ``TimeoutError``.
+        num_generations: G, completions per prompt (one group).
+        max_new_tokens / temperature / top_p / top_k / min_p: sampling (``src.rollout.SamplingConfig``).
+        beta: KL coefficient (0 like TRL ≥ 0.19: no reference model is loaded); ``kl``: estimator k1 | k2 | k3.
+        epsilon_low / epsilon_high: clip range ``[1 − ε_low, 1 + ε_high]`` (clip-higher when ε_high > ε_low).
+        loss_type: ``grpo`` | ``bnpo`` | ``dr_grpo`` | ``dapo`` (see ``src.losses.grpo_loss``).
+        scale_rewards: ``group`` | ``batch`` | ``none`` (Dr. GRPO); ``advantage``: ``grpo`` | ``rloo``.
+        num_iterations: μ, passes over each generation buffer (> 1 is off-policy reuse with a real clipped ratio).
+        steps_per_generation: optimizer steps per generation buffer (the buffer is split into this many parts).
+        micro_batch_size: completions per forward/backward (gradient accumulation inside a step); None = all.
+        mask_truncated_completions: completions without EOS get no loss (DAPO).
+        importance_sampling_level: ``token`` | ``sequence`` (GSPO).
+        log_completions_every_n_steps: a table of prompts/completions/rewards to W&B (and the console) every N steps.
+        max_grad_norm: global gradient-norm clipping (manual optimization: ``trainer.gradient_clip_val`` is unused).
+    """
+
+    data_kind = "prompt"
+    summary_metrics = ("train/reward", "train/kl", "train/completions/mean_length")
+
+    def __init__(
+        self,
+        *args: Any,
+        reward_funcs: list[str | Callable] | str = "src.rewards.digit_fraction",
+        reward_weights: list[float] | None = None,
+        reward_timeout_s: float | None = None,
+        num_generations: int = 4,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        beta: float = 0.0,
+        kl: Literal["k1", "k2", "k3"] = "k3",
+        kl_ratio_correction: bool = True,
+        epsilon_low: float = 0.2,
+        epsilon_high: float | None = None,
+        loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo",
+        scale_rewards: Literal["group", "batch", "none"] = "group",
+        advantage: Literal["grpo", "rloo"] = "grpo",
+        num_iterations: int = 1,
+        steps_per_generation: int = 1,
+        micro_batch_size: int | None = None,
+        mask_truncated_completions: bool = False,
+        importance_sampling_level: Literal["token", "sequence"] = "token",
+        log_completions_every_n_steps: int = 0,
+        max_grad_norm: float | None = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.needs_reference = beta > 0
+        self.rewards = RewardScorer(
+            reward_funcs if isinstance(reward_funcs, list) else [reward_funcs], reward_weights, reward_timeout_s
+        )
+        self.sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            num_generations=num_generations,
+        )
+        self.tokenizer = None
+        self.generator: torch.Generator | None = None
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and self.tokenizer is None:
+            self.tokenizer = dm.tokenizer
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.generator is None:
+            # Each rank samples its own stream, reproducibly: seed from the run's RNG plus the rank.
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) + self.global_rank
+            self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    # -- rollout and scoring --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, batch: dict[str, Any], sampling: SamplingConfig | None = None) -> dict[str, Any]:
+        """Sample, decode and score completions for a prompt batch; returns the training buffer."""
+        sampling = sampling or self.sampling
+        tok = self.tokenizer
+        out: Rollout = generate(
+            self.model,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            sampling,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            generator=self.generator,
+        )
+        g = sampling.num_generations
+        completions = tok.batch_decode(out.completion_ids, skip_special_tokens=True)
+        prompts = [p for p in batch["prompts"] for _ in range(g)]
+        columns = {k: [v for v in vals for _ in range(g)] for k, vals in batch["columns"].items()}
+        rewards, reward_metrics = self.rewards(prompts, completions, columns)
+        rewards = rewards.to(self.device)
+        completion_mask = out.completion_mask
+        prompt_len = out.prompt_ids.shape[1]
+        return {
+            "input_ids": out.input_ids,
+            "attention_mask": out.attention_mask,
+            "completion_mask": torch.cat([torch.zeros_like(out.prompt_mask), completion_mask], 1),
+            "prompt_len": prompt_len,
+            "rewards": rewards,
+            "reward_metrics": reward_metrics,
+            "is_truncated": out.is_truncated,
+            "prompts": prompts,
+            "completions": completions,
+        }
+
+    def advantages(self, rewards: Tensor) -> Tensor:
+        g = self.hparams.num_generations
+        if self.hparams.advantage == "rloo":
+            return rloo_advantages(rewards, g)
+        return group_advantages(rewards, g, scale=self.hparams.scale_rewards)
+
+    def token_logps(self, buf: dict[str, Any], rows: slice | Tensor, with_entropy: bool = False):
+        return completion_logps(
+            self.model,
+            buf["input_ids"][rows],
+            buf["attention_mask"][rows],
+            buf["completion_mask"][rows],
+            temperature=self.sampling.temperature or 1.0,
+            with_entropy=with_entropy,
+        )
+
+    # -- the step -------------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        h = self.hparams
+        buf = self.rollout(batch)
+        n = buf["input_ids"].shape[0]
+        adv = self.advantages(buf["rewards"])
+        loss_mask = buf["completion_mask"].clone()
+        if h.mask_truncated_completions:
+            loss_mask[buf["is_truncated"]] = 0
+        buf["loss_mask"] = loss_mask
+        reuse = h.num_iterations > 1 or h.steps_per_generation > 1
+        with torch.no_grad():
+            buf["old_logps"] = (
+                torch.cat([self.token_logps(buf, s)[0] for s in self._chunks(n, h.micro_batch_size)]) if reuse else None
+            )
+            buf["ref_logps"] = (
+                torch.cat(
+                    [
+                        self.reference_logps(buf["input_ids"][s], buf["attention_mask"][s], buf["completion_mask"][s])
+                        for s in self._chunks(n, h.micro_batch_size)
+                    ]
+                )
+                if h.beta > 0
+                else None
+            )
+
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        step_metrics: dict[str, list[Tensor]] = {}
+        losses = []
+        if n % h.steps_per_generation:
+            raise ValueError(f"{n} completions do not split into steps_per_generation={h.steps_per_generation}")
+        per_step = n // h.steps_per_generation
+        for _ in range(h.num_iterations):
+            for k in range(h.steps_per_generation):
+                rows = slice(k * per_step, (k + 1) * per_step)
+                loss, metrics = self._optimizer_step(buf, adv, rows, opt)
+                if sched is not None:
+                    sched.step()
+                losses.append(loss)
+                for key, v in metrics.items():
+                    step_metrics.setdefault(key, []).append(v)
+
+        loss = torch.stack(losses).mean()
+        lengths = buf["completion_mask"].sum(-1).float()
+        rewards = buf["rewards"]
+        group_std = rewards.view(-1, h.num_generations).std(-1) if h.num_generations > 1 else rewards.new_zeros(1)
+        metrics = {
+            "reward": rewards,
+            "reward_std": group_std,
+            "frac_reward_zero_std": (group_std < 1e-6).float(),
+            "completions/mean_length": lengths,
+            "completions/clipped_ratio": buf["is_truncated"].float(),
+            **{k: torch.stack(v).reshape(-1) for k, v in step_metrics.items()},
+            **{k: v.reshape(1) for k, v in buf["reward_metrics"].items()},
+        }
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/reward", rewards.mean(), prog_bar=True, batch_size=n)
+        self.maybe_log_completions(buf)
+        num_tokens = int(buf["attention_mask"].sum())
+        return self.step_output(loss.detach(), metrics, num_tokens=num_tokens, num_samples=n)
+
+    def _optimizer_step(self, buf: dict[str, Any], adv: Tensor, rows: slice, opt) -> tuple[Tensor, dict[str, Tensor]]:
+        """One optimizer step over ``rows`` of the buffer, accumulated over micro-batches."""
+        h = self.hparams
+        mask = buf["loss_mask"][rows]
+        num_items = mask.sum()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            num_items = num_items.clone()
+            dist.all_reduce(num_items)
+        # DDP averages gradients over ranks, so each rank normalises by the global count / world size.
+        num_items = num_items.float().clamp(min=1) / world
+        total = torch.zeros((), device=self.device)
+        acc: dict[str, Tensor] = {}
+        n_rows = mask.shape[0]
+        chunks = list(self._chunks(n_rows, h.micro_batch_size))
+        for s in chunks:
+            idx = torch.arange(rows.start, rows.stop, device=self.device)[s]
+            logps, entropy = self.token_logps(buf, idx, with_entropy=True)
+            m = buf["loss_mask"][idx]
+            old = logps.detach() if buf["old_logps"] is None else buf["old_logps"][idx]
+            ref = None if buf["ref_logps"] is None else buf["ref_logps"][idx]
+            loss, metrics = grpo_loss(
+                logps,
+                old,
+                ref,
+                adv[idx],
+                m,
+                beta=h.beta,
+                epsilon_low=h.epsilon_low,
+                epsilon_high=h.epsilon_high,
+                loss_type=h.loss_type,
+                kl=h.kl,
+                max_completion_length=h.max_new_tokens,
+                num_items=num_items,
+                importance_sampling_level=h.importance_sampling_level,
+                kl_ratio_correction=h.kl_ratio_correction,
+            )
+            if h.loss_type in ("grpo", "bnpo", "dr_grpo"):
+                loss = loss * (s.stop - s.start) / n_rows  # per-micro-batch means -> mean over the step's rows
+            self.check_finite(loss, "GRPO loss")
+            self.manual_backward(loss)
+            total = total + loss.detach()
+            metrics["entropy"] = masked_mean(entropy, buf["completion_mask"][idx])
+            for k, v in metrics.items():
+                acc[k] = acc.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32) * (s.stop - s.start) / n_rows
+        if h.max_grad_norm:
+            self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return total, acc
+
+    @staticmethod
+    def _chunks(n: int, size: int | None):
+        size = size or n
+        for start in range(0, n, size):
+            yield slice(start, min(n, start + size))
+
+    # -- validation, held-out statistics, tables ------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        sampling = SamplingConfig(**{**vars(self.sampling), "num_generations": 1})
+        buf = self.rollout(batch, sampling)
+        rewards = buf["rewards"]
+        self.log("val/reward", rewards.mean(), prog_bar=True, batch_size=rewards.numel(), sync_dist=True)
+        return self.step_output(
+            rewards.mean(), {"reward": rewards, **{k: v.reshape(1) for k, v in buf["reward_metrics"].items()}}
+        )
+
+    def heldout_sequences(self, batch: dict[str, Any]) -> dict[str, Any] | None:
+        """Greedy completions of the held-out prompts, scored by ``LogProbMetrics`` (entropy, KL to reference)."""
+        sampling = SamplingConfig(**{**vars(self.sampling), "num_generations": 1, "temperature": 0.0})
+        return self.rollout(batch, sampling)
+
+    def maybe_log_completions(self, buf: dict[str, Any]) -> None:
+        every = self.hparams.log_completions_every_n_steps
+        if not every or self.global_step % every != 0 or self._trainer is None:
+            return
+        rewards = buf["rewards"].tolist()
+        rows = [[self.global_step, p, c, r] for p, c, r in zip(buf["prompts"], buf["completions"], rewards)]
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table("completions", columns=["step", "prompt", "completion", "reward"], data=rows)
+        best = max(range(len(rows)), key=lambda i: rewards[i])
+        self.print(f"step {self.global_step} best completion (reward {rewards[best]:.3f}): {rows[best][2]!r}")
+
+    # -- exact resume ---------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.generator is not None:
+            checkpoint["sampling_generator_state"] = self.generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "sampling_generator_state" in checkpoint:
+            self.generator = torch.Generator(device=self.device)
+            self.generator.set_state(checkpoint["sampling_generator_state"])
