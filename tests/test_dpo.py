@@ -147,7 +147,7 @@ def test_wandb_offline_run_has_metrics_and_config(run_cli, tmp_path):
     for key in ("train/loss", "train/rewards/accuracies", "train/rewards/margins", "train/logps/chosen", "val/loss"):
         assert key.encode() in data, key
     assert b"config_yaml" in data and b"src.modules.dpo.DPO" in data  # the resolved config
-    assert cli.trainer.loggers[1].log_dir  # CSV fallback alongside
+    assert cli.trainer.loggers[0].log_dir  # CSV fallback alongside
 
 
 def test_nan_loss_is_caught_in_its_step(run_cli, pref_batch):

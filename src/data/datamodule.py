@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from src.data import tiny
 from src.data.collate import PreferenceCollator, PromptCollator, SFTCollator
@@ -233,6 +235,37 @@ class RowDataset(Dataset):
             r[name] = v
 
 
+class ResumableSampler(Sampler[int]):
+    """Row order for one epoch: a permutation seeded by ``(seed, epoch)`` (or file order), which can start part-way.
+
+    It needs no global RNG, so a run resumed from a mid-epoch checkpoint sees exactly the rows it would have seen.
+    Under DDP Lightning wraps it in a ``DistributedSamplerWrapper`` that shards this order across ranks.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int) -> None:
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.epoch = 0
+        self.start = 0
+        self._epoch_set = False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._epoch_set = epoch, True
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.n))
+        start, self.start = self.start, 0
+        if not self._epoch_set:  # nobody calls set_epoch when the sampler is wrapped: advance it ourselves
+            self.epoch += 1
+        self._epoch_set = False
+        return iter(order[start:])
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
 # -------------------------------------------------------------------------------------------------------- datamodule
 class AlignmentDataModule(LightningDataModule):
     """One DataModule for SFT, reward modelling, DPO, GRPO and PPO.
@@ -276,6 +309,8 @@ class AlignmentDataModule(LightningDataModule):
         self.train_set: RowDataset | None = None
         self.val_set: RowDataset | None = None
         self.truncated: Counter[str] = Counter()
+        self.sampler: ResumableSampler | None = None
+        self._resume: tuple[int, int] = (0, 0)  # (epoch, rows consumed) restored from a checkpoint
 
     @property
     def kind(self) -> str:
@@ -343,11 +378,11 @@ class AlignmentDataModule(LightningDataModule):
             return SFTCollator(pad, self.hparams.pad_to_multiple_of)
         return PromptCollator(pad)
 
-    def _loader(self, ds: RowDataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, ds: RowDataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             collate_fn=self.collator(),
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
@@ -355,13 +390,19 @@ class AlignmentDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.train_set, self.hparams.batch_size, self.hparams.shuffle)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+        self.sampler = ResumableSampler(len(self.train_set), self.hparams.shuffle, seed)
+        epoch, consumed = self._resume
+        self.sampler.epoch = epoch
+        self.sampler.start = consumed if consumed < len(self.train_set) else 0
+        self._resume = (0, 0)
+        return self._loader(self.train_set, self.hparams.batch_size, self.sampler)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup()
         if self.val_set is None:
             return []
-        return self._loader(self.val_set, self.hparams.val_batch_size or self.hparams.batch_size, False)
+        return self._loader(self.val_set, self.hparams.val_batch_size or self.hparams.batch_size)
 
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
@@ -370,7 +411,15 @@ class AlignmentDataModule(LightningDataModule):
         return self.val_dataloader()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"truncated": dict(self.truncated)}
+        """Saved in every checkpoint: the data position (epoch and rows consumed, all ranks) for exact resume."""
+        state: dict[str, Any] = {"truncated": dict(self.truncated)}
+        if self.trainer is not None:
+            loop = self.trainer.fit_loop
+            batches = loop.epoch_loop.batch_progress.current.ready
+            state["epoch"] = self.trainer.current_epoch
+            state["consumed"] = batches * self.hparams.batch_size * self.trainer.world_size
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.truncated = Counter(state.get("truncated", {}))
+        self._resume = (state.get("epoch", 0), state.get("consumed", 0))

@@ -1,0 +1,44 @@
+"""Exact resume: stop at step k, resume from the checkpoint, get the same per-step losses as an uninterrupted run."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import FAST, column, read_metrics
+
+CKPT = [
+    "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+    "--trainer.callbacks.dirpath=ckpts",
+    "--trainer.callbacks.every_n_train_steps=3",
+    "--trainer.callbacks.save_top_k=-1",
+    "--trainer.callbacks.filename={step}",
+    "--trainer.limit_val_batches=0",
+]
+
+
+def losses_by_step(log_dir, key):
+    rows = read_metrics(log_dir)
+    return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
+
+
+@pytest.mark.parametrize(
+    "config,key,extra",
+    [
+        ("dpo.yaml", "train/loss", []),
+        ("grpo.yaml", "train/loss", ["--model.init_args.micro_batch_size=8"]),
+    ],
+)
+def test_resume_gives_identical_losses(run_cli, tmp_path, config, key, extra):
+    base = ["fit", "--config", config, *FAST, *CKPT, "--data.tiny_rows=200", *extra]
+    full = run_cli([*base, "--trainer.max_steps=6", "--trainer.logger.init_args.version=full"])
+    ref = losses_by_step(full.trainer.logger.log_dir, key)
+    assert len(ref) == 6
+    ckpt = tmp_path / "ckpts" / "step=3.ckpt"
+    assert ckpt.exists()
+    resumed = run_cli(
+        [*base, "--trainer.max_steps=6", "--trainer.logger.init_args.version=resumed", f"--ckpt_path={ckpt}"]
+    )
+    got = losses_by_step(resumed.trainer.logger.log_dir, key)
+    assert sorted(got) == [3, 4, 5]  # CSV steps are 0-based: optimizer steps 4, 5, 6
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], abs=1e-6), step
