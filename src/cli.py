@@ -9,6 +9,9 @@ once and linked to the DataModule's tokenizer; the resolved config is saved next
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 for _k, _v in {
     "HF_HUB_OFFLINE": "1",
@@ -23,7 +26,7 @@ from lightning import LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 
-from src.callbacks import FitSummary, LogProbMetrics, Throughput  # noqa: E402
+from src.callbacks import FitSummary, HFExport, LogProbMetrics, Throughput  # noqa: E402
 from src.data import AlignmentDataModule  # noqa: E402
 from src.modules.base import AlignmentModule  # noqa: E402
 
@@ -39,12 +42,41 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
             logger.log_hyperparams(self.config.as_dict())
 
 
+def config_tags(paths: Iterable[Any]) -> list[str]:
+    """Run tags from the ``--config`` files used: ``configs/papers/dpo_hh.yaml`` -> ``papers/dpo_hh``."""
+    tags: list[str] = []
+    for p in paths:
+        parts = Path(str(getattr(p, "relative", p))).with_suffix("").parts
+        below = parts[len(parts) - parts[::-1].index("configs") :] if "configs" in parts else parts[-1:]
+        tag = "/".join(below)[:64]  # W&B limits tags to 64 characters
+        if tag and tag not in tags:
+            tags.append(tag)
+    return tags
+
+
+def tag_wandb_loggers(config: Any) -> None:
+    """Give every ``WandbLogger`` in ``config.trainer.logger`` whose ``tags`` are empty the tags of the configs used."""
+    loggers = config.get("trainer", {}).get("logger") if hasattr(config, "get") else None
+    if not isinstance(loggers, list):
+        loggers = [loggers]
+    tags = config_tags(config.get("config") or [])
+    for logger in loggers:
+        if not hasattr(logger, "get") or not str(logger.get("class_path", "")).endswith("WandbLogger"):
+            continue
+        if logger.get("init_args") is not None and not logger.init_args.get("tags"):
+            logger.init_args.tags = tags
+
+
 class AlignCLI(LightningCLI):
+    def before_instantiate_classes(self) -> None:
+        tag_wandb_loggers(self.config.get(self.subcommand) if self.subcommand else self.config)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer_name_or_path")
         parser.add_lightning_class_args(LogProbMetrics, "logprob_metrics")
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(FitSummary, "fit_summary")
+        parser.add_lightning_class_args(HFExport, "hf_export")  # --hf_export.dirpath DIR: save_pretrained at fit end
 
     def after_fit(self) -> None:
         """Close W&B runs so offline runs are complete on disk (summary, config, files) when ``fit`` returns."""

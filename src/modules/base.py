@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from src.data import tiny
 from src.losses import entropy_from_logits, token_logps
+from src.rollout import Rollout, SamplingConfig, generate
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,83 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------------- log-probs
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that follow the attention mask, so left- and right-padded rows score the same."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def decoder_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Last-layer hidden states ``[B, T, H]`` of a Hugging Face decoder (causal LM or sequence classifier; the
+    backbone only, no head), with mask-aware ``position_ids``."""
+    return (
+        unwrap(model)
+        .get_decoder()(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+        .last_hidden_state
+    )
+
+
+# A CPU batch of at least 2 * _GROUP_MIN_ROWS rows runs through the decoder in length-sorted groups when that cuts
+# its padded positions by at least _GROUP_MIN_SAVING (16 DPO rows of ~100 tokens: -9% positions, ~-14% step time).
+_GROUP_MIN_ROWS = 8
+_GROUP_MIN_SAVING = 0.05
+
+
+def length_groups(attention_mask: Tensor, completion_mask: Tensor) -> list[tuple[list[int], int]] | None:
+    """``[(rows, width)]``: rows sorted by length, split in halves while a half-split removes enough padding; each
+    group is run over its first ``width`` columns. ``None``: one forward over the batch as it is (GPU batches,
+    small batches, or no padding to save; on GPU a second forward's launches cost more than the padding saved)."""
+    B, T = attention_mask.shape
+    if attention_mask.device.type != "cpu" or B < 2 * _GROUP_MIN_ROWS:
+        return None
+    used = attention_mask.bool() | completion_mask.bool()
+    ends = torch.where(used.any(-1), T - used.flip(-1).int().argmax(-1), 0).tolist()  # last used column + 1
+
+    def split(rows: list[int]) -> list[list[int]]:
+        if len(rows) < 2 * _GROUP_MIN_ROWS:
+            return [rows]
+        a, b = rows[: len(rows) // 2], rows[len(rows) // 2 :]
+        if len(a) * ends[a[-1]] + len(b) * ends[b[-1]] > (1 - _GROUP_MIN_SAVING) * len(rows) * ends[rows[-1]]:
+            return [rows]
+        return split(a) + split(b)
+
+    groups = split(sorted(range(B), key=ends.__getitem__))
+    if len(groups) == 1:
+        return None
+    return [(g, max(2, ends[g[-1]])) for g in groups]
+
+
+def completion_hidden(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Hidden states ``[N, H]`` of only the N positions that predict a completion token, and that ``[B, T-1]``
+    selector (a value head reads the same states as the LM head).
+
+    Large CPU batches run in length-sorted groups trimmed of their all-padding columns (:func:`length_groups`): the
+    same states for every real position, fewer padded positions through the decoder."""
+    target = completion_mask[:, 1:].bool()
+    groups = length_groups(attention_mask, completion_mask)
+    if groups is None:
+        return decoder_hidden(model, input_ids, attention_mask)[:, :-1][target], target
+    parts, grouped_rows = [], []
+    for rows, width in groups:
+        idx = torch.tensor(rows, device=input_ids.device)
+        hidden = decoder_hidden(model, input_ids[idx, :width], attention_mask[idx, :width])
+        parts.append(hidden[:, :-1][target[idx, : width - 1]])
+        grouped_rows += rows
+    # back to the batch's row-major order: row r's tokens sit at start[r] .. start[r] + count[r] in grouped order
+    counts = target.sum(-1).tolist()
+    start, offset = [0] * len(counts), 0
+    for r in grouped_rows:
+        start[r], offset = offset, offset + counts[r]
+    order = torch.tensor([i for r in range(len(counts)) for i in range(start[r], start[r] + counts[r])])
+    return torch.cat(parts).index_select(0, order.to(input_ids.device)), target
+
+
 def completion_logits(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -77,16 +156,14 @@ def completion_logits(
     Prompt and padding positions never go through the LM head. Models with logit soft-capping or scaling fall back
     to the full forward. ``position_ids`` follow the attention mask, so left- and right-padded rows score the same.
     """
-    target = completion_mask[:, 1:].bool()
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     inner = unwrap(model)
     cfg = getattr(inner, "config", None)
     fused_head = not (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
     if fused_head and hasattr(inner, "get_decoder") and inner.get_output_embeddings() is not None:
-        hidden = inner.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        return inner.get_output_embeddings()(hidden[:, :-1][target]), target
+        hidden, target = completion_hidden(model, input_ids, attention_mask, completion_mask)
+        return inner.get_output_embeddings()(hidden), target
+    target = completion_mask[:, 1:].bool()
+    position_ids = position_ids_from_mask(attention_mask)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.logits[:, :-1][target], target
 
@@ -111,6 +188,14 @@ def completion_logps(
     kept (log-prob = logit − logsumexp). ``with_entropy`` adds the per-token entropy (no gradient).
     """
     logits, target = completion_logits(model, input_ids, attention_mask, completion_mask)
+    return logps_from_logits(logits, input_ids, target, temperature=temperature, with_entropy=with_entropy)
+
+
+def logps_from_logits(
+    logits: Tensor, input_ids: Tensor, target: Tensor, *, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """``[B, T]`` log-probs (and entropies, no gradient) of the completion tokens from the ``[N, V]`` logits and the
+    ``[B, T-1]`` selector of :func:`completion_logits`; logits are divided by the sampling ``temperature``."""
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -227,20 +312,32 @@ class AlignmentModule(LightningModule):
                     return completion_logits(self.model, input_ids, attention_mask, completion_mask)[0]
             return completion_logits(self.ref_model, input_ids, attention_mask, completion_mask)[0]
 
-    def reference_logps(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> Tensor:
-        """Per-token reference log-probs ``[B, T]`` (0 outside the completion), without autograd."""
-        logits = self.reference_logits(input_ids, attention_mask, completion_mask).float()
-        target = completion_mask[:, 1:].bool()
-        return scatter_tokens(token_logps(logits, input_ids[:, 1:][target]), target)
+    def reference_logps(
+        self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, *, temperature: float = 1.0
+    ) -> Tensor:
+        """Per-token reference log-probs ``[B, T]`` (0 outside the completion), without autograd; logits are divided
+        by ``temperature`` (the sampling temperature, as for the policy in GRPO/PPO)."""
+        logits = self.reference_logits(input_ids, attention_mask, completion_mask)
+        return logps_from_logits(logits, input_ids, completion_mask[:, 1:].bool(), temperature=temperature)[0]
 
     def policy_logps(self, batch: dict[str, Any], **kw: Any) -> tuple[Tensor, Tensor | None]:
         return completion_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **kw)
 
     # -- optimisation ---------------------------------------------------------------------------------------------
+    def optimizer_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer trains (the policy's trainable parameters; PPO adds its critic)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
+        optimizer = self.optimizer_factory(self.optimizer_parameters())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+
+    def lr_scheduler(
+        self, optimizer: torch.optim.Optimizer, total: int | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        """``lr_scheduler`` after ``warmup_steps`` over ``total`` steps (default: the trainer's stepping batches)."""
+        if total is None:
+            total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
         w = self.hparams.warmup_steps
         warmup = int(w * total) if 0 < w < 1 else int(w)
         kind = self.hparams.lr_scheduler
@@ -255,8 +352,7 @@ class AlignmentModule(LightningModule):
                 return 0.5 * (1.0 + math.cos(math.pi * progress))
             return 1.0
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     def check_finite(self, value: Tensor, name: str) -> bool:
         """``True`` if finite; otherwise raise naming the step and the quantity, or count a skipped step."""
@@ -290,3 +386,106 @@ class AlignmentModule(LightningModule):
     def step_output(loss: Tensor, metrics: dict[str, Tensor], **extra: Any) -> dict[str, Any]:
         """What a step returns: the loss plus per-sample metric tensors the LogProbMetrics callback aggregates."""
         return {"loss": loss, "metrics": {k: v.detach() for k, v in metrics.items()}, **extra}
+
+
+# ----------------------------------------------------------------------------------------------- online algorithms
+STAGES = ("train", "val", "heldout")
+
+
+class RolloutModule(AlignmentModule):
+    """Shared mechanics of the online algorithms (GRPO, PPO): sample completions of a prompt batch with
+    ``src.rollout.generate``, decode and score them with reward functions, slice buffers into micro-batches, and log
+    a completions table. Subclasses set ``self.sampling`` (a ``SamplingConfig``), ``self.rewards`` (a
+    ``src.rewards.RewardScorer``, or None when scores come from elsewhere) and take a
+    ``log_completions_every_n_steps`` hyper-parameter; they use manual optimization.
+    """
+
+    data_kind = "prompt"
+    sampling: SamplingConfig
+    rewards: Any = None
+    tokenizer: Any = None
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and self.tokenizer is None:
+            self.tokenizer = dm.tokenizer
+
+    @torch.no_grad()
+    def rollout(
+        self, batch: dict[str, Any], sampling: SamplingConfig | None = None, stage: str = "train"
+    ) -> dict[str, Any]:
+        """Sample, decode and score completions for a prompt batch; returns the training buffer."""
+        sampling = sampling or self.sampling
+        tok = self.tokenizer
+        out: Rollout = generate(
+            self.model,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            sampling,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            noise=self.sampling_noise(batch["index"], sampling, stage),
+        )
+        g = sampling.num_generations
+        completions = tok.batch_decode(out.completion_ids, skip_special_tokens=True)
+        prompts = [p for p in batch["prompts"] for _ in range(g)]
+        columns = {k: [v for v in vals for _ in range(g)] for k, vals in batch["columns"].items()}
+        if self.rewards is not None:
+            rewards, reward_metrics = self.rewards(prompts, completions, columns)
+        else:
+            rewards, reward_metrics = torch.zeros(len(completions)), {}
+        rewards = rewards.to(self.device)
+        completion_mask = out.completion_mask
+        prompt_len = out.prompt_ids.shape[1]
+        return {
+            "input_ids": out.input_ids,
+            "attention_mask": out.attention_mask,
+            "completion_mask": torch.cat([torch.zeros_like(out.prompt_mask), completion_mask], 1),
+            "prompt_len": prompt_len,
+            "rewards": rewards,
+            "reward_metrics": reward_metrics,
+            "is_truncated": out.is_truncated,
+            "prompts": prompts,
+            "completions": completions,
+        }
+
+    def sampling_noise(self, index: Tensor, sampling: SamplingConfig, stage: str) -> Tensor:
+        """Uniform numbers for sampling, seeded per (run seed, stage, epoch, prompt row): the same prompt gets the same
+        samples however prompts are batched, split across ranks, or resumed from a checkpoint."""
+        base = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+        epoch = self.current_epoch if self._trainer is not None else 0
+        rows = []
+        for i in index.tolist():
+            seed = base
+            for part in (STAGES.index(stage), epoch, i):
+                seed = (seed * 1_000_003 + part) % (2**63 - 1)
+            g = torch.Generator().manual_seed(seed)
+            rows.append(torch.rand(sampling.num_generations, sampling.max_new_tokens, generator=g, dtype=torch.float64))
+        return torch.cat(rows).to(self.device)
+
+    @staticmethod
+    def _chunks(n: int, size: int | None):
+        size = size or n
+        for start in range(0, n, size):
+            yield slice(start, min(n, start + size))
+
+    def heldout_sequences(self, batch: dict[str, Any]) -> dict[str, Any] | None:
+        """Greedy completions of the held-out prompts, scored by ``LogProbMetrics`` (entropy, KL to reference)."""
+        sampling = SamplingConfig(**{**vars(self.sampling), "num_generations": 1, "temperature": 0.0})
+        return self.rollout(batch, sampling, stage="heldout")
+
+    def maybe_log_completions(self, buf: dict[str, Any], rewards: Tensor | None = None) -> None:
+        """Every ``log_completions_every_n_steps`` steps: a ``completions`` table to W&B and the best one to the
+        console. ``rewards`` defaults to the buffer's."""
+        every = self.hparams.log_completions_every_n_steps
+        if not every or self.global_step % every != 0 or self._trainer is None:
+            return
+        rewards = (buf["rewards"] if rewards is None else rewards).tolist()
+        rows = [[self.global_step, p, c, r] for p, c, r in zip(buf["prompts"], buf["completions"], rewards)]
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table("completions", columns=["step", "prompt", "completion", "reward"], data=rows)
+        best = max(range(len(rows)), key=lambda i: rewards[i])
+        self.print(f"step {self.global_step} best completion (reward {rewards[best]:.3f}): {rows[best][2]!r}")

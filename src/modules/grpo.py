@@ -26,12 +26,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from src.losses import group_advantages, grpo_loss, masked_mean, rloo_advantages
-from src.modules.base import AlignmentModule, completion_logps
+from src.modules.base import RolloutModule, completion_logps
 from src.rewards import RewardScorer
-from src.rollout import Rollout, SamplingConfig, generate
+from src.rollout import SamplingConfig
 
 
-class GRPO(AlignmentModule):
+class GRPO(RolloutModule):
     """GRPO and its variants (manual optimization).
 
     Args:
@@ -102,56 +102,8 @@ class GRPO(AlignmentModule):
             num_generations=num_generations,
         )
         self.tokenizer = None
-        self.generator: torch.Generator | None = None
 
-    # -- set-up ---------------------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and self.tokenizer is None:
-            self.tokenizer = dm.tokenizer
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        if self.generator is None:
-            # Each rank samples its own stream, reproducibly: seed from the run's RNG plus the rank.
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) + self.global_rank
-            self.generator = torch.Generator(device=self.device).manual_seed(seed)
-
-    # -- rollout and scoring --------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def rollout(self, batch: dict[str, Any], sampling: SamplingConfig | None = None) -> dict[str, Any]:
-        """Sample, decode and score completions for a prompt batch; returns the training buffer."""
-        sampling = sampling or self.sampling
-        tok = self.tokenizer
-        out: Rollout = generate(
-            self.model,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            sampling,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            generator=self.generator,
-        )
-        g = sampling.num_generations
-        completions = tok.batch_decode(out.completion_ids, skip_special_tokens=True)
-        prompts = [p for p in batch["prompts"] for _ in range(g)]
-        columns = {k: [v for v in vals for _ in range(g)] for k, vals in batch["columns"].items()}
-        rewards, reward_metrics = self.rewards(prompts, completions, columns)
-        rewards = rewards.to(self.device)
-        completion_mask = out.completion_mask
-        prompt_len = out.prompt_ids.shape[1]
-        return {
-            "input_ids": out.input_ids,
-            "attention_mask": out.attention_mask,
-            "completion_mask": torch.cat([torch.zeros_like(out.prompt_mask), completion_mask], 1),
-            "prompt_len": prompt_len,
-            "rewards": rewards,
-            "reward_metrics": reward_metrics,
-            "is_truncated": out.is_truncated,
-            "prompts": prompts,
-            "completions": completions,
-        }
-
+    # -- advantages and log-probs (rollout, sampling and scoring: RolloutModule) --------------------------------------
     def advantages(self, rewards: Tensor) -> Tensor:
         g = self.hparams.num_generations
         if self.hparams.advantage == "rloo":
@@ -281,47 +233,12 @@ class GRPO(AlignmentModule):
         opt.zero_grad(set_to_none=True)
         return total, acc
 
-    @staticmethod
-    def _chunks(n: int, size: int | None):
-        size = size or n
-        for start in range(0, n, size):
-            yield slice(start, min(n, start + size))
-
-    # -- validation, held-out statistics, tables ------------------------------------------------------------------
+    # -- validation (held-out statistics and tables: RolloutModule) ---------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         sampling = SamplingConfig(**{**vars(self.sampling), "num_generations": 1})
-        buf = self.rollout(batch, sampling)
+        buf = self.rollout(batch, sampling, stage="val")
         rewards = buf["rewards"]
         self.log("val/reward", rewards.mean(), prog_bar=True, batch_size=rewards.numel(), sync_dist=True)
         return self.step_output(
             rewards.mean(), {"reward": rewards, **{k: v.reshape(1) for k, v in buf["reward_metrics"].items()}}
         )
-
-    def heldout_sequences(self, batch: dict[str, Any]) -> dict[str, Any] | None:
-        """Greedy completions of the held-out prompts, scored by ``LogProbMetrics`` (entropy, KL to reference)."""
-        sampling = SamplingConfig(**{**vars(self.sampling), "num_generations": 1, "temperature": 0.0})
-        return self.rollout(batch, sampling)
-
-    def maybe_log_completions(self, buf: dict[str, Any]) -> None:
-        every = self.hparams.log_completions_every_n_steps
-        if not every or self.global_step % every != 0 or self._trainer is None:
-            return
-        rewards = buf["rewards"].tolist()
-        rows = [[self.global_step, p, c, r] for p, c, r in zip(buf["prompts"], buf["completions"], rewards)]
-        from lightning.pytorch.loggers import WandbLogger
-
-        for logger in self.trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_table("completions", columns=["step", "prompt", "completion", "reward"], data=rows)
-        best = max(range(len(rows)), key=lambda i: rewards[i])
-        self.print(f"step {self.global_step} best completion (reward {rewards[best]:.3f}): {rows[best][2]!r}")
-
-    # -- exact resume ---------------------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.generator is not None:
-            checkpoint["sampling_generator_state"] = self.generator.get_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "sampling_generator_state" in checkpoint:
-            self.generator = torch.Generator(device=self.device)
-            self.generator.set_state(checkpoint["sampling_generator_state"])
