@@ -9,6 +9,7 @@ once and linked to the DataModule's tokenizer; the resolved config is saved next
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 
 from src.callbacks import FitSummary, HFExport, LogProbMetrics, Throughput  # noqa: E402
+from src.callbacks.checkpoint_io import check_checkpoint  # noqa: E402
 from src.data import AlignmentDataModule  # noqa: E402
 from src.modules.base import AlignmentModule  # noqa: E402
 
@@ -78,6 +80,15 @@ class AlignCLI(LightningCLI):
         parser.add_lightning_class_args(FitSummary, "fit_summary")
         parser.add_lightning_class_args(HFExport, "hf_export")  # --hf_export.dirpath DIR: save_pretrained at fit end
 
+    def _parse_ckpt_path(self) -> None:
+        """Validate ``--ckpt_path`` (one clear error for a missing, corrupt or foreign file) before Lightning reads the
+        module's hyper-parameters from it."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt not in (None, "last", "best", "hpc", "registry"):
+            check_checkpoint(ckpt)
+        super()._parse_ckpt_path()
+
     def after_fit(self) -> None:
         """Close W&B runs so offline runs are complete on disk (summary, config, files) when ``fit`` returns."""
         for logger in self.trainer.loggers:
@@ -85,8 +96,14 @@ class AlignCLI(LightningCLI):
                 logger.experiment.finish()
 
 
-def main(args: list[str] | None = None, run: bool = True) -> AlignCLI:
-    """Run the CLI in-process, e.g. ``main(["fit", "--config", "configs/dpo.yaml", "--trainer.max_steps=2"])``."""
+def main(args: list[str] | None = None, run: bool = True) -> AlignCLI | Path:
+    """Run the CLI in-process, e.g. ``main(["fit", "--config", "configs/dpo.yaml", "--trainer.max_steps=2"])``;
+    ``main(["export", "--ckpt_path", CKPT, "--out", DIR])`` writes a Hugging Face directory (``src.export``)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"]:
+        from src.export import main as export_main
+
+        return export_main(argv[1:])
     return AlignCLI(
         AlignmentModule,
         AlignmentDataModule,
@@ -94,6 +111,7 @@ def main(args: list[str] | None = None, run: bool = True) -> AlignCLI:
         seed_everything_default=42,
         save_config_callback=LoggerSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"plugins": [{"class_path": "src.callbacks.checkpoint_io.AtomicCheckpointIO"}]},
         parser_kwargs={"parser_mode": "yaml"},
         args=args,
         run=run,

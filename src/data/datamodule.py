@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from src.data import tiny
 from src.data.collate import PreferenceCollator, PromptCollator, SFTCollator
@@ -46,6 +47,8 @@ def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     if not Path(name_or_path).exists():
+        if name_or_path.startswith(("/", ".", "~")):
+            raise FileNotFoundError(f"tokenizer path {name_or_path!r} does not exist")
         log.info("tokenizer %s is not a local path; trying the local Hugging Face cache", name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
@@ -235,35 +238,34 @@ class RowDataset(Dataset):
             r[name] = v
 
 
-class ResumableSampler(Sampler[int]):
-    """Row order for one epoch: a permutation seeded by ``(seed, epoch)`` (or file order), which can start part-way.
+class ResumableSampler(DistributedSampler):
+    """Row order for one epoch: a permutation seeded by ``(seed, epoch)`` (or file order), sharded across ranks
+    (rank r takes rows r, r + W, ...), able to start part-way through the epoch.
 
-    It needs no global RNG, so a run resumed from a mid-epoch checkpoint sees exactly the rows it would have seen.
-    Under DDP Lightning wraps it in a ``DistributedSamplerWrapper`` that shards this order across ranks.
+    It needs no global RNG and shards the same global order whatever the world size, so a resumed run sees exactly
+    the rows it would have seen, and W ranks x B rows see the rows of one process with W x B. Being a
+    ``DistributedSampler``, Lightning uses it as is instead of injecting its own.
     """
 
-    def __init__(self, n: int, shuffle: bool, seed: int) -> None:
-        self.n, self.shuffle, self.seed = n, shuffle, seed
-        self.epoch = 0
-        self.start = 0
-        self._epoch_set = False
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._epoch_set = epoch, True
+    def __init__(self, dataset: Dataset, shuffle: bool, seed: int) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.start = 0  # rows of this epoch's global order already consumed (all ranks)
 
     def __iter__(self):
+        n = len(self.dataset)
         if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         else:
-            order = list(range(self.n))
-        start, self.start = self.start, 0
-        if not self._epoch_set:  # nobody calls set_epoch when the sampler is wrapped: advance it ourselves
-            self.epoch += 1
-        self._epoch_set = False
-        return iter(order[start:])
+            order = list(range(n))
+        order, self.start = order[self.start :], 0
+        if order and len(order) % self.num_replicas:  # pad by repeating, as DistributedSampler does
+            order += order[: self.num_replicas - len(order) % self.num_replicas]
+        return iter(order[self.rank :: self.num_replicas])
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return -(-(len(self.dataset) - self.start) // self.num_replicas)
 
 
 # -------------------------------------------------------------------------------------------------------- datamodule
@@ -391,9 +393,9 @@ class AlignmentDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))
-        self.sampler = ResumableSampler(len(self.train_set), self.hparams.shuffle, seed)
+        self.sampler = ResumableSampler(self.train_set, self.hparams.shuffle, seed)
         epoch, consumed = self._resume
-        self.sampler.epoch = epoch
+        self.sampler.set_epoch(epoch)
         self.sampler.start = consumed if consumed < len(self.train_set) else 0
         self._resume = (0, 0)
         return self._loader(self.train_set, self.hparams.batch_size, self.sampler)

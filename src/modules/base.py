@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from lightning import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from src.data import tiny
@@ -47,6 +48,8 @@ def load_causal_lm(
             return getattr(transformers, auto_class).from_config(cfg)
         return tiny.build_model(model_config)
     if not Path(name_or_path).exists():
+        if name_or_path.startswith(("/", ".", "~")):
+            raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
         log.info("model %s is not a local path; trying the local Hugging Face cache", name_or_path)
     extra: dict[str, Any] = dict(kwargs)
     if torch_dtype is not None:
@@ -366,6 +369,26 @@ class AlignmentModule(LightningModule):
         log.warning("%s; skipping the step (%d skipped so far)", msg, self.skipped_steps)
         self.log("train/skipped_steps", float(self.skipped_steps))
         return False
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the gradient norm (before clipping) and catch NaN/Inf gradients in the step they appear. Under
+        ``nan_policy: skip`` the gradients are dropped, so the optimizer leaves every parameter and its state as is."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if (
+            self._trainer is not None
+            and self.trainer.world_size > 1
+            and not isinstance(self.trainer.strategy, DDPStrategy)
+        ):  # sharded gradients: every rank must take the same decision
+            norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
+        if self._trainer is not None:
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        if not self.check_finite(norm, "gradient norm"):
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
 
     _batch_idx = 0
 

@@ -176,7 +176,7 @@ class GRPO(RolloutModule):
             **{k: torch.stack(v).reshape(-1) for k, v in step_metrics.items()},
             **{k: v.reshape(1) for k, v in buf["reward_metrics"].items()},
         }
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("train/reward", rewards.mean(), prog_bar=True, batch_size=n)
         self.maybe_log_completions(buf)
         num_tokens = int(buf["attention_mask"].sum())

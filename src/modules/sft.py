@@ -40,7 +40,7 @@ class SFT(AlignmentModule):
         loss, metrics = self.compute_loss(batch)
         if not self.check_finite(loss, "SFT loss"):
             return None
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["index"].numel())
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["index"].numel(), sync_dist=True)
         return self.step_output(loss, metrics)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
