@@ -36,6 +36,12 @@ try:
     NOTEBOOKS["04_dpo_and_grpo_losses.ipynb"] = CELLS_04
 except ImportError:
     pass
+try:  # notebook 05 runs the CLI (src.cli)
+    from _cells_05 import CELLS as CELLS_05  # noqa: E402
+
+    NOTEBOOKS["05_tour_of_the_template.ipynb"] = CELLS_05
+except ImportError:
+    pass
 
 
 def build(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:

@@ -93,7 +93,10 @@ class AlignCLI(LightningCLI):
         """Close W&B runs so offline runs are complete on disk (summary, config, files) when ``fit`` returns."""
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                import wandb
+
                 logger.experiment.finish()
+                wandb.teardown()  # forget this run's settings (directory...) so a next in-process run starts clean
 
 
 def main(args: list[str] | None = None, run: bool = True) -> AlignCLI | Path:

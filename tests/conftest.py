@@ -32,6 +32,7 @@ def run_cli(tmp_path, monkeypatch):
     from src.cli import main
 
     monkeypatch.chdir(tmp_path)
+    env = dict(os.environ)
 
     def run(args: list[str]):
         resolved = []
@@ -41,7 +42,15 @@ def run_cli(tmp_path, monkeypatch):
             resolved.append(a)
         return main(resolved)
 
-    return run
+    yield run
+    # An in-process DDP run (one device) leaves a process group and launcher variables behind: clean up so later
+    # tests (and the subprocesses they start) see a fresh single process.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env)
 
 
 def read_metrics(log_dir: str | Path) -> list[dict[str, str]]:

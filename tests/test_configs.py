@@ -37,7 +37,8 @@ def base_of(overlay: str) -> str:
 @pytest.mark.parametrize("config", JOBS)
 def test_job_config_runs(run_cli, config):
     cli = run_cli(["fit", "--config", config, *FAST])
-    assert cli.trainer.global_step == 3
+    # max_steps counts optimizer steps; GRPO/PPO may take several per batch and stop at the batch that reaches 3
+    assert cli.trainer.state.finished and cli.trainer.global_step >= 3
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -50,4 +51,4 @@ def test_overlay_config(run_cli, overlay, capsys):
     if gpu_only(overlay):
         return
     cli = run_cli(["fit", *args, *FAST])
-    assert cli.trainer.global_step == 3
+    assert cli.trainer.state.finished and cli.trainer.global_step >= 3

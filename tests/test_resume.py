@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import FAST, column, read_metrics
+from tests.conftest import FAST, read_metrics
 
 CKPT = [
     "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",

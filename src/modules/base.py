@@ -331,8 +331,21 @@ class AlignmentModule(LightningModule):
         """What the optimizer trains (the policy's trainable parameters; PPO adds its critic)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def build_optimizer(self, factory: OptimizerCallable, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """``factory(params)``; a fused optimizer falls back to its unfused kernel under mixed precision, where
+        Lightning's AMP plugin clips gradients itself and refuses optimizers that unscale internally."""
+        optimizer = factory(params)
+        precision = str(self.trainer.precision) if self._trainer is not None else ""
+        if "mixed" in precision and optimizer.defaults.get("fused"):
+            for group in optimizer.param_groups:
+                group["fused"] = False
+            optimizer.defaults["fused"] = False
+            optimizer._step_supports_amp_scaling = False
+            log.info("%s: fused=False under %s precision", type(optimizer).__name__, precision)
+        return optimizer
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.optimizer_parameters())
+        optimizer = self.build_optimizer(self.optimizer_factory, self.optimizer_parameters())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
 
     def lr_scheduler(
