@@ -60,3 +60,27 @@ def read_metrics(log_dir: str | Path) -> list[dict[str, str]]:
 
 def column(rows: list[dict[str, str]], key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key)]
+
+
+@pytest.fixture(scope="module")
+def prompt_batch():
+    """One left-padded batch of 4 tiny-task prompts and the tokenizer (GRPO/PPO module-level tests)."""
+    from src.data import AlignmentDataModule
+
+    dm = AlignmentDataModule(kind="prompt", tiny_rows=16, val_size=0, shuffle=False, batch_size=4)
+    dm.setup()
+    return next(iter(dm.train_dataloader())), dm.tokenizer
+
+
+class RecordingOptimizer:
+    """Stands in for an optimizer in trainer-less module tests: ``step`` records the gradients."""
+
+    def __init__(self, params):
+        self.params, self.grads = list(params), []
+
+    def step(self):
+        self.grads.append([p.grad.clone() for p in self.params])
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None

@@ -7,17 +7,9 @@ import json
 import pytest
 import torch
 
-from src.data import AlignmentDataModule
 from src.data.tiny import generate_rows
 from src.modules.grpo import GRPO
-from tests.conftest import FAST, column, read_metrics
-
-
-@pytest.fixture(scope="module")
-def prompt_batch():
-    dm = AlignmentDataModule(kind="prompt", tiny_rows=16, val_size=0, shuffle=False, batch_size=4)
-    dm.setup()
-    return next(iter(dm.train_dataloader())), dm.tokenizer
+from tests.conftest import FAST, RecordingOptimizer, column, read_metrics
 
 
 def offline_module(tokenizer, **kw) -> GRPO:
@@ -29,18 +21,6 @@ def offline_module(tokenizer, **kw) -> GRPO:
     m.manual_backward = lambda loss: loss.backward()
     m.clip_gradients = lambda *a, **k: None
     return m
-
-
-class RecordingOptimizer:
-    def __init__(self, params):
-        self.params, self.grads = list(params), []
-
-    def step(self):
-        self.grads.append([p.grad.clone() for p in self.params])
-
-    def zero_grad(self, set_to_none=True):
-        for p in self.params:
-            p.grad = None
 
 
 def buffer(m: GRPO, batch):

@@ -9,18 +9,10 @@ import math
 import pytest
 import torch
 
-from src.data import AlignmentDataModule
 from src.losses import adaptive_kl_update, masked_mean, masked_var, masked_whiten
 from src.modules.ppo import PPO, apply_missing_eos_penalty
 from src.modules.reward import score_head
-from tests.conftest import FAST, column, read_metrics
-
-
-@pytest.fixture(scope="module")
-def prompt_batch():
-    dm = AlignmentDataModule(kind="prompt", tiny_rows=16, val_size=0, shuffle=False, batch_size=4)
-    dm.setup()
-    return next(iter(dm.train_dataloader())), dm.tokenizer
+from tests.conftest import FAST, RecordingOptimizer, column, read_metrics
 
 
 def offline_ppo(tokenizer, perturb: float = 0.0, eos_bias: float | None = None, **kw) -> PPO:
@@ -42,18 +34,6 @@ def offline_ppo(tokenizer, perturb: float = 0.0, eos_bias: float | None = None, 
     m.manual_backward = lambda loss: loss.backward()
     m.clip_gradients = lambda *a, **k: None
     return m
-
-
-class RecordingOptimizer:
-    def __init__(self, params):
-        self.params, self.grads = list(params), []
-
-    def step(self):
-        self.grads.append([p.grad.clone() for p in self.params])
-
-    def zero_grad(self, set_to_none=True):
-        for p in self.params:
-            p.grad = None
 
 
 def close(a, b, tol=1e-5):

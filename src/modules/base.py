@@ -414,6 +414,23 @@ class AlignmentModule(LightningModule):
         if cut and self.logger is not None:
             self.logger.log_metrics({f"data/truncated_{k}": float(v) for k, v in cut.items()}, step=0)
 
+    # -- the step of the automatically optimized modules (SFT, reward model, DPO): they only write compute_loss ------
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The mean loss of a batch and per-sample metric tensors (logged by ``LogProbMetrics``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_loss or its own training_step")
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        loss, metrics = self.compute_loss(batch)
+        if not self.check_finite(loss, f"{type(self).__name__} loss"):
+            return None  # nan_policy=skip: Lightning skips the backward and the optimizer step
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["index"].numel(), sync_dist=True)
+        return self.step_output(loss, metrics)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        loss, metrics = self.compute_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["index"].numel(), sync_dist=True)
+        return self.step_output(loss, metrics)
+
     def heldout_sequences(self, batch: dict[str, Any]) -> dict[str, Any] | None:
         """Sequences scored by the held-out statistics of ``LogProbMetrics`` (training-style batches as they are)."""
         return batch if "input_ids" in batch else None

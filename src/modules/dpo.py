@@ -127,18 +127,6 @@ class DPO(AlignmentModule):
         return loss, metrics
 
     # -- Lightning hooks ------------------------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
-        loss, metrics = self.compute_loss(batch)
-        if not self.check_finite(loss, "DPO loss"):
-            return None
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["index"].numel(), sync_dist=True)
-        return self.step_output(loss, metrics)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        loss, metrics = self.compute_loss(batch)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["index"].numel(), sync_dist=True)
-        return self.step_output(loss, metrics)
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         k = self.hparams.ref_model_sync_steps
         if k and self.ref_model is not None and self.global_step % k == 0 and self.global_step > 0:

@@ -128,18 +128,6 @@ class RewardModel(AlignmentModule):
         }
         return losses.mean(), metrics
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
-        loss, metrics = self.compute_loss(batch)
-        if not self.check_finite(loss, "reward-model loss"):
-            return None
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["index"].numel())
-        return self.step_output(loss, metrics)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        loss, metrics = self.compute_loss(batch)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["index"].numel(), sync_dist=True)
-        return self.step_output(loss, metrics)
-
     def heldout_sequences(self, batch: dict[str, Any]) -> dict[str, Any] | None:
         """No language-model head: the held-out log-prob statistics do not apply."""
         return None

@@ -35,15 +35,3 @@ class SFT(AlignmentModule):
             loss = -masked_mean(logps, mask, dim=-1).mean()
         seq_nll = -masked_mean(logps.detach(), mask, dim=-1)
         return loss, {"nll_per_sequence": seq_nll, "mean_token_logp": -seq_nll}
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
-        loss, metrics = self.compute_loss(batch)
-        if not self.check_finite(loss, "SFT loss"):
-            return None
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["index"].numel(), sync_dist=True)
-        return self.step_output(loss, metrics)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        loss, metrics = self.compute_loss(batch)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["index"].numel(), sync_dist=True)
-        return self.step_output(loss, metrics)
