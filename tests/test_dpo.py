@@ -163,3 +163,26 @@ def test_nan_loss_is_caught_in_its_step(run_cli, pref_batch):
         next(skip.model.parameters()).fill_(float("nan"))
     skip.log = lambda *a, **k: None
     assert skip.training_step(pref_batch, 0) is None and skip.skipped_steps == 1
+
+
+def test_reference_from_a_separate_checkpoint(run_cli, tmp_path):
+    from src.data.tiny import build_model, load_tokenizer
+
+    torch.manual_seed(7)
+    build_model().save_pretrained(tmp_path / "policy")
+    load_tokenizer().save_pretrained(tmp_path / "policy")
+    torch.manual_seed(8)
+    build_model().save_pretrained(tmp_path / "other")
+    same, _ = _losses(
+        run_cli,
+        f"--model.init_args.model_name_or_path={tmp_path / 'policy'}",
+        f"--model.init_args.ref_model_name_or_path={tmp_path / 'policy'}",
+    )
+    assert same[0] == pytest.approx(math.log(2), abs=1e-6)  # reference = policy at step 1
+    other, cli = _losses(
+        run_cli,
+        f"--model.init_args.model_name_or_path={tmp_path / 'policy'}",
+        f"--model.init_args.ref_model_name_or_path={tmp_path / 'other'}",
+    )
+    assert other[0] != pytest.approx(math.log(2), abs=1e-3)  # a different reference shifts the implicit rewards
+    assert cli.model.ref_model is not None and not cli.model.ref_model.training
