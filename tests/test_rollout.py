@@ -298,3 +298,69 @@ def test_invalid_config():
         SamplingConfig(temperature=-1)
     with pytest.raises(ValueError, match="num_generations"):
         SamplingConfig(num_generations=0)
+
+
+# ------------------------------------------------------------------------------------------- fast decode path
+def _llama_variant(kind: str) -> nn.Module:
+    """Small models of the supported families: GQA Llama with biases, and Qwen2 (q/k/v biases)."""
+    torch.manual_seed(3)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        initializer_range=0.2,
+    )
+    if kind == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    return LlamaForCausalLM(LlamaConfig(**common, attention_bias=True, mlp_bias=True)).eval()
+
+
+@pytest.mark.parametrize("variant", ["base", "llama_bias", "qwen2"])
+@pytest.mark.parametrize("cfg", [dict(temperature=0.0), dict(temperature=1.0, num_generations=3)])
+def test_fast_decode_matches_hf_forward(model, prompts, variant, cfg):
+    """The lean decoder samples the same tokens and reports the same log-probs as the Hugging Face forward."""
+    from src.fast_decode import FastDecoder
+
+    m = model if variant == "base" else _llama_variant(variant)
+    ids, mask = prompts
+    kw = dict(max_new_tokens=12, return_logps=True, **cfg)
+    fast = _run(m, ids, mask, fast_decode=True, **kw)
+    slow = _run(m, ids, mask, fast_decode=False, **kw)
+    assert torch.equal(fast.completion_ids, slow.completion_ids)
+    assert torch.equal(fast.completion_mask, slow.completion_mask)
+    torch.testing.assert_close(fast.logps, slow.logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.logps, _full_forward_logps(m, fast, cfg["temperature"] or 1.0), atol=1e-5, rtol=0)
+    if cfg["temperature"] == 0:
+        hf = m.generate(
+            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD
+        )[:, ids.size(1) :]
+        width = fast.completion_ids.size(1)
+        assert torch.equal(fast.completion_ids * fast.completion_mask, hf[:, :width] * fast.completion_mask)
+    # the fast path is really taken for these models
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=m.config)
+    with torch.no_grad():
+        m(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+    full = torch.cat([mask, torch.ones(3, 4, dtype=mask.dtype)], 1)
+    assert FastDecoder.build(m, cache, full, mask.sum(1, keepdim=True) + torch.arange(4), 1) is not None
+
+
+def test_fast_decode_falls_back_for_other_models(model, prompts):
+    """Wrapped or unsupported models decode through their own forward (the wrapper's EOS forcing is honoured)."""
+    from src.fast_decode import FastDecoder
+
+    ids, mask = prompts
+    wrapped = ForceEOS(model, {0: 2})
+    r = _run(wrapped, ids, mask, max_new_tokens=6)
+    assert r.completion_mask[0].sum() == 3 and wrapped.calls >= 3
+    assert FastDecoder.build(wrapped, None, mask, mask, 1) is None

@@ -6,6 +6,7 @@ completion-only log-probs, optimizer + scheduler, and the NaN/Inf guard. Each al
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import os
@@ -124,15 +125,125 @@ def length_groups(attention_mask: Tensor, completion_mask: Tensor) -> list[tuple
     return [(g, max(2, ends[g[-1]])) for g in groups]
 
 
+def _row_major(parts: list[Tensor], grouped_rows: list[int], counts: list[int]) -> Tensor:
+    """Concatenate per-group ``[n_g, H]`` states (rows in ``grouped_rows`` order, ``counts[r]`` states per row) back
+    into the batch's row-major order."""
+    start, offset = [0] * len(counts), 0
+    for r in grouped_rows:
+        start[r], offset = offset, offset + counts[r]
+    order = torch.tensor([i for r in range(len(counts)) for i in range(start[r], start[r] + counts[r])])
+    return torch.cat(parts).index_select(0, order.to(parts[0].device))
+
+
+def _decoder_cache_kwarg(decoder: nn.Module) -> str | None:
+    """Name of the KV-cache argument of a HF decoder's ``forward`` (``cache`` in transformers 5, else
+    ``past_key_values``); ``None`` if it takes neither."""
+    params = inspect.signature(decoder.forward).parameters
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
+
+
+def _shares_prompts(inner: nn.Module) -> bool:
+    """Whether rows may run their shared prompt once through the KV cache: a plain full-attention decoder (no sliding
+    window or hybrid layers, no gradient checkpointing, which turns the cache off)."""
+    cfg = getattr(inner, "config", None)
+    if cfg is None or not hasattr(inner, "get_decoder") or getattr(cfg, "is_encoder_decoder", False):
+        return False
+    if getattr(inner, "is_gradient_checkpointing", False):
+        return False
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        return all(t == "full_attention" for t in layer_types)
+    return not getattr(cfg, "sliding_window", None)
+
+
+def shared_prompt_hidden(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+) -> Tensor | None:
+    """:func:`completion_hidden` for batches whose rows share prompts (DPO: chosen and rejected; GRPO: the
+    generations of a prompt): each distinct prompt runs once, left-padded, and every row's completion attends to its
+    prompt's keys/values through the KV cache. Same states as one forward over the rows (exact up to float rounding),
+    with each shared prompt computed once (DPO: about a quarter fewer positions).
+
+    Returns ``None`` (run the rows as they are) unless every row is ``[pad] prompt completion [pad]`` with a
+    non-empty prompt and completion, at least two rows share a prompt, and the model is a plain full-attention decoder.
+    """
+    inner = unwrap(model)
+    if input_ids.shape[0] < 2 or not _shares_prompts(inner):
+        return None
+    decoder = inner.get_decoder()
+    cache_kwarg = _decoder_cache_kwarg(decoder)
+    if cache_kwarg is None:
+        return None
+    ids, attn, comp = input_ids.tolist(), attention_mask.tolist(), completion_mask.tolist()
+    T = input_ids.shape[1]
+    spans, prompt_of_row, prompts = [], [], {}
+    for b in range(len(ids)):
+        a, c = attn[b], comp[b]
+        if 1 not in c or 1 not in a:
+            return None
+        s, p, e = a.index(1), c.index(1), T - a[::-1].index(1)  # prompt [s, p), completion [p, e)
+        if not s < p < e or 0 in a[s:e] or 0 in c[p:e] or 1 in c[:p] or 1 in c[e:]:
+            return None
+        spans.append((s, p, e))
+        prompt_of_row.append(prompts.setdefault(tuple(ids[b][s:p]), len(prompts)))
+    if len(prompts) == len(ids):
+        return None
+    from transformers import DynamicCache
+
+    device, dtype = input_ids.device, input_ids.dtype
+    # 1. each distinct prompt once, left-padded so that its last token is the last column (built on the host)
+    width = max(len(k) for k in prompts)
+    p_ids = torch.tensor([[0] * (width - len(k)) + list(k) for k in prompts], dtype=dtype)
+    p_mask = torch.tensor([[0] * (width - len(k)) + [1] * len(k) for k in prompts])
+    cache = DynamicCache()
+    out = decoder(
+        input_ids=p_ids.to(device),
+        attention_mask=p_mask.to(device),
+        position_ids=position_ids_from_mask(p_mask).to(device),
+        use_cache=True,
+        **{cache_kwarg: cache},
+    )
+    prompt_last = out.last_hidden_state[:, -1:]  # predicts the first completion token
+    kv = [(layer[0], layer[1]) for layer in cache]
+    p_len = p_mask.sum(-1)
+    # 2. the completions, right-padded, in length-sorted groups where that saves padding (see length_groups)
+    n = [e - p for _, p, e in spans]
+    c_ids = torch.tensor([ids[b][p:e] + [0] * (max(n) - e + p) for b, (_, p, e) in enumerate(spans)], dtype=dtype)
+    c_mask = torch.tensor([[1] * k + [0] * (max(n) - k) for k in n])
+    groups = (length_groups(c_mask, c_mask) if device.type == "cpu" else None) or [(list(range(len(ids))), max(n))]
+    parts, grouped_rows = [], []
+    for rows, w in groups:
+        u = torch.tensor([prompt_of_row[r] for r in rows])
+        ud = u.to(device)
+        group_cache = DynamicCache([(k.index_select(0, ud), v.index_select(0, ud)) for k, v in kv])
+        hidden = decoder(
+            input_ids=c_ids[rows, :w].to(device),
+            attention_mask=torch.cat([p_mask[u], c_mask[rows, :w]], -1).to(device),
+            position_ids=(p_len[u, None] + torch.arange(w)).to(device),
+            use_cache=True,
+            **{cache_kwarg: group_cache},
+        ).last_hidden_state
+        # completion token j is predicted by the previous position: the prompt's last token for j = 0
+        states = torch.cat([prompt_last.index_select(0, ud), hidden[:, :-1]], 1)
+        keep = torch.arange(w)[None] < torch.tensor([n[r] for r in rows])[:, None]
+        parts.append(states[keep.to(device)])
+        grouped_rows += rows
+    return _row_major(parts, grouped_rows, n)
+
+
 def completion_hidden(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Hidden states ``[N, H]`` of only the N positions that predict a completion token, and that ``[B, T-1]``
     selector (a value head reads the same states as the LM head).
 
-    Large CPU batches run in length-sorted groups trimmed of their all-padding columns (:func:`length_groups`): the
-    same states for every real position, fewer padded positions through the decoder."""
+    Rows that share a prompt run it once (:func:`shared_prompt_hidden`); large CPU batches run in length-sorted groups
+    trimmed of their all-padding columns (:func:`length_groups`). Both give the same states for every real position
+    with fewer positions through the decoder."""
     target = completion_mask[:, 1:].bool()
+    shared = shared_prompt_hidden(model, input_ids, attention_mask, completion_mask)
+    if shared is not None:
+        return shared, target
     groups = length_groups(attention_mask, completion_mask)
     if groups is None:
         return decoder_hidden(model, input_ids, attention_mask)[:, :-1][target], target
@@ -142,13 +253,7 @@ def completion_hidden(
         hidden = decoder_hidden(model, input_ids[idx, :width], attention_mask[idx, :width])
         parts.append(hidden[:, :-1][target[idx, : width - 1]])
         grouped_rows += rows
-    # back to the batch's row-major order: row r's tokens sit at start[r] .. start[r] + count[r] in grouped order
-    counts = target.sum(-1).tolist()
-    start, offset = [0] * len(counts), 0
-    for r in grouped_rows:
-        start[r], offset = offset, offset + counts[r]
-    order = torch.tensor([i for r in range(len(counts)) for i in range(start[r], start[r] + counts[r])])
-    return torch.cat(parts).index_select(0, order.to(input_ids.device)), target
+    return _row_major(parts, grouped_rows, target.sum(-1).tolist()), target
 
 
 def completion_logits(

@@ -26,9 +26,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from src.losses import group_advantages, grpo_loss, masked_mean, rloo_advantages
-from src.modules.base import RolloutModule, completion_logps
+from src.modules.base import RolloutModule, completion_logits, logps_from_logits
 from src.rewards import RewardScorer
 from src.rollout import SamplingConfig
+from src.shared_prefix import grouped_completion_logits
 
 
 class GRPO(RolloutModule):
@@ -110,15 +111,36 @@ class GRPO(RolloutModule):
             return rloo_advantages(rewards, g)
         return group_advantages(rewards, g, scale=self.hparams.scale_rewards)
 
+    def scoring_logits(
+        self, model: torch.nn.Module, buf: dict[str, Any], rows: slice | Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Completion-position logits ``[N, V]`` and selector of ``rows`` under ``model``; each group's shared prompt
+        runs once (``src.shared_prefix``) when the rows are whole groups, else one forward over the rows."""
+        ids, mask, cmask = buf["input_ids"][rows], buf["attention_mask"][rows], buf["completion_mask"][rows]
+        out = None
+        if "prompt_len" in buf:
+            out = grouped_completion_logits(model, ids, mask, cmask, buf["prompt_len"], self.hparams.num_generations)
+        return out if out is not None else completion_logits(model, ids, mask, cmask)
+
     def token_logps(self, buf: dict[str, Any], rows: slice | Tensor, with_entropy: bool = False):
-        return completion_logps(
-            self.model,
+        logits, target = self.scoring_logits(self.model, buf, rows)
+        return logps_from_logits(
+            logits,
             buf["input_ids"][rows],
-            buf["attention_mask"][rows],
-            buf["completion_mask"][rows],
+            target,
             temperature=self.sampling.temperature or 1.0,
             with_entropy=with_entropy,
         )
+
+    def ref_token_logps(self, buf: dict[str, Any], rows: slice | Tensor) -> Tensor:
+        """Per-token reference log-probs of ``rows`` (no autograd); the frozen copy shares prompts like the policy."""
+        if self.ref_model is None:  # LoRA: the policy with its adapter disabled
+            return self.reference_logps(
+                buf["input_ids"][rows], buf["attention_mask"][rows], buf["completion_mask"][rows]
+            )
+        with torch.no_grad():
+            logits, target = self.scoring_logits(self.ref_model, buf, rows)
+            return logps_from_logits(logits, buf["input_ids"][rows], target)[0]
 
     # -- the step -------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -136,12 +158,7 @@ class GRPO(RolloutModule):
                 torch.cat([self.token_logps(buf, s)[0] for s in self._chunks(n, h.micro_batch_size)]) if reuse else None
             )
             buf["ref_logps"] = (
-                torch.cat(
-                    [
-                        self.reference_logps(buf["input_ids"][s], buf["attention_mask"][s], buf["completion_mask"][s])
-                        for s in self._chunks(n, h.micro_batch_size)
-                    ]
-                )
+                torch.cat([self.ref_token_logps(buf, s) for s in self._chunks(n, h.micro_batch_size)])
                 if h.beta > 0
                 else None
             )
