@@ -148,7 +148,8 @@ def _shares_prompts(inner: nn.Module) -> bool:
     cfg = getattr(inner, "config", None)
     if cfg is None or not hasattr(inner, "get_decoder") or getattr(cfg, "is_encoder_decoder", False):
         return False
-    if getattr(inner, "is_gradient_checkpointing", False):
+    checkpointing = getattr(inner, "is_activation_checkpointing", None)  # transformers >= 5.x; older: is_gradient_...
+    if checkpointing if checkpointing is not None else getattr(inner, "is_gradient_checkpointing", False):
         return False
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types is not None:

@@ -1,0 +1,122 @@
+"""The benchmark runner (``benchmarks/run.py``) and the forward-pass savings it measures.
+
+* A smoke run of the shared CPU workload through the CLI (2 steps, not timed): JSON keys, step-1 loss = ln 2.
+* The savings in :func:`src.modules.base.completion_hidden` compute the same states and gradients as one plain
+  forward over the rows: rows sharing a prompt run it once (DPO chosen/rejected, GRPO generations), large CPU batches
+  run in length-sorted groups.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.modules import base
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = (Path(__file__).parents[1] / ".." / "shared" / "bench" / "artifacts").resolve()
+KEYS = {
+    "steps", "train_wall_s", "steps_per_s", "tokens_per_s", "tokens_total", "tokens_padded_total", "peak_rss_mib",
+    "final_loss", "losses", "first_step_s", "median_step_s_excl_first", "setup_s",
+}  # fmt: skip
+
+
+@pytest.mark.skipif(
+    not (ARTIFACTS / "model").exists() or not (ARTIFACTS / "dpo_pairs.jsonl").exists(),
+    reason=f"benchmark workload not built at {ARTIFACTS} (python ../shared/bench/workload.py --out DIR)",
+)
+def test_run_dpo_two_steps_through_the_cli():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "dpo", "--artifacts", str(ARTIFACTS), "--steps", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert KEYS <= set(result), KEYS - set(result)
+    assert result["steps"] == 2 and len(result["losses"]) == 2
+    assert result["first_loss"] == pytest.approx(0.693147, abs=1e-6)  # policy == reference at step 1: ln 2
+    assert result["losses"][0] == pytest.approx(0.69315, abs=1e-5)  # the curve is rounded to 5 digits, as TRL's
+    assert result["tokens_total"] < result["tokens_padded_total"]
+    assert result["tokens_per_s"] > 0 and result["peak_rss_mib"] > 0
+
+
+# ------------------------------------------------------------------------------------- same states, fewer positions
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return base.load_causal_lm("tiny").double()  # float64: rounding differences (~1e-7) stay far below the tolerances
+
+
+def _batch(prompts, completions, *, left_pad_prompts: bool):
+    """``[pad] prompt completion [pad]`` rows (prompts left-aligned on a common column if ``left_pad_prompts``)."""
+    P = max(len(p) for p in prompts)
+    C = max(len(c) for c in completions)
+    ids = torch.zeros(len(prompts), P + C, dtype=torch.long)
+    attn, comp = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        s = P - len(p) if left_pad_prompts else 0
+        ids[i, s : s + len(p) + len(c)] = torch.tensor(p + c)
+        attn[i, s : s + len(p) + len(c)] = 1
+        comp[i, s + len(p) : s + len(p) + len(c)] = 1
+    return ids, attn, comp
+
+
+def _random_tokens(g, n):
+    return torch.randint(3, 2048, (n,), generator=g).tolist()
+
+
+def _layouts():
+    g = torch.Generator().manual_seed(0)
+    lengths = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    prompts8 = [_random_tokens(g, lengths(20, 40)) for _ in range(8)]
+    dpo = ([*prompts8, *prompts8], [_random_tokens(g, lengths(10, 40)) for _ in range(16)])
+    prompts4 = [_random_tokens(g, lengths(10, 30)) for _ in range(4)]
+    grpo = ([p for p in prompts4 for _ in range(4)], [_random_tokens(g, lengths(1, 20)) for _ in range(16)])
+    unique = tuple([_random_tokens(g, lengths(5, 40)) for _ in range(16)] for _ in range(2))
+    return {
+        "dpo_16_rows_shared": (*dpo, False, True),
+        "dpo_4_rows_shared": ([*prompts8[:2], *prompts8[:2]], dpo[1][:4], False, True),
+        "grpo_left_padded_shared": (*grpo, True, True),
+        "unique_prompts_grouped": (*unique, False, False),
+    }
+
+
+@pytest.mark.parametrize("layout", list(_layouts()))
+def test_completion_hidden_matches_one_plain_forward(model, layout):
+    prompts, completions, left_pad, shares = _layouts()[layout]
+    ids, attn, comp = _batch(prompts, completions, left_pad_prompts=left_pad)
+    assert (base.shared_prompt_hidden(model, ids, attn, comp) is not None) == shares
+    if layout == "unique_prompts_grouped":
+        assert base.length_groups(attn, comp) is not None
+    params = list(model.model.parameters())
+    target = comp[:, 1:].bool()
+    plain = base.decoder_hidden(model, ids, attn)[:, :-1][target]
+    fast, fast_target = base.completion_hidden(model, ids, attn, comp)
+    assert torch.equal(fast_target, target)
+    assert fast.shape == plain.shape
+    torch.testing.assert_close(fast, plain, rtol=1e-9, atol=1e-9)
+    g_plain = torch.autograd.grad(plain.square().mean(), params)
+    g_fast = torch.autograd.grad(fast.square().mean(), params)
+    for a, b in zip(g_fast, g_plain):
+        assert ((a - b).norm() / b.norm().clamp(min=1e-30)).item() < 1e-5
+
+
+def test_no_sharing_with_activation_checkpointing_or_irregular_rows(model):
+    g = torch.Generator().manual_seed(1)
+    p = _random_tokens(g, 10)
+    ids, attn, comp = _batch([p, p], [_random_tokens(g, 5), _random_tokens(g, 7)], left_pad_prompts=False)
+    assert base.shared_prompt_hidden(model, ids, attn, comp) is not None
+    holey = comp.clone()
+    holey[0, 12] = 0  # a completion with a hole: not [prompt][completion]
+    assert base.shared_prompt_hidden(model, ids, attn, holey) is None
+    empty = comp.clone()
+    empty[1] = 0  # a row without completion tokens
+    assert base.shared_prompt_hidden(model, ids, attn, empty) is None
