@@ -240,11 +240,11 @@ def _named(name, func):
 # --------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def reward_model_dir(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    if not (BENCH_TOKENIZER / "tokenizer.json").exists():
-        pytest.skip("bench tokenizer not available")
-    tokenizer = AutoTokenizer.from_pretrained(BENCH_TOKENIZER)
+    from src.data.tiny import load_tokenizer
+
+    tokenizer = load_tokenizer()  # the shipped tiny tokenizer (the same file as the bench workload's)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
