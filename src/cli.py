@@ -24,6 +24,7 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 
 from lightning import LightningModule, Trainer  # noqa: E402
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 
@@ -79,6 +80,19 @@ class AlignCLI(LightningCLI):
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(FitSummary, "fit_summary")
         parser.add_lightning_class_args(HFExport, "hf_export")  # --hf_export.dirpath DIR: save_pretrained at fit end
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The default progress bar is TQDM, drawn in the training loop. Lightning's default (Rich when installed)
+        redraws from a 100 Hz background thread that competes with the intra-op threads on small CPU machines: 2% of
+        a 2-core DPO step when the machine is idle, ~18% when another job is running (``benchmarks/README.md``).
+        A progress bar given in ``trainer.callbacks`` (e.g. ``RichProgressBar``) is used as it is."""
+        cfg = self._get(self.config_init, "trainer", default={}) or {}
+        if cfg.get("enable_progress_bar", True) is not False and "callbacks" not in kwargs:
+            callbacks = cfg.get("callbacks") or []
+            callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+            if not any(isinstance(c, ProgressBar) for c in callbacks):
+                kwargs["callbacks"] = [*callbacks, TQDMProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         """Validate ``--ckpt_path`` (one clear error for a missing, corrupt or foreign file) before Lightning reads the
