@@ -84,3 +84,19 @@ class RecordingOptimizer:
     def zero_grad(self, set_to_none=True):
         for p in self.params:
             p.grad = None
+
+
+# A 2-layer GQA Llama over a 64-token vocabulary (pad 0, BOS 1, EOS 2): sampler and scoring tests.
+SMALL_LLAMA = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    initializer_range=0.2,  # peaked enough that greedy argmax is far from ties
+)

@@ -8,6 +8,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from src.rollout import Rollout, SamplingConfig, generate, sample_from_logits
+from tests.conftest import SMALL_LLAMA
 
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 64
@@ -16,19 +17,7 @@ VOCAB = 64
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        initializer_range=0.2,  # peaked enough that greedy argmax is far from ties
-    )
+    config = LlamaConfig(**SMALL_LLAMA)
     return LlamaForCausalLM(config).eval()
 
 
@@ -304,19 +293,7 @@ def test_invalid_config():
 def _llama_variant(kind: str) -> nn.Module:
     """Small models of the supported families: GQA Llama with biases, and Qwen2 (q/k/v biases)."""
     torch.manual_seed(3)
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        initializer_range=0.2,
-    )
+    common = dict(SMALL_LLAMA)
     if kind == "qwen2":
         from transformers import Qwen2Config, Qwen2ForCausalLM
 

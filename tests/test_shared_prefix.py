@@ -8,25 +8,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from src.modules.base import completion_logits, logps_from_logits
 from src.rollout import SamplingConfig, generate
 from src.shared_prefix import grouped_completion_logits
+from tests.conftest import SMALL_LLAMA
 
 PAD, BOS, EOS = 0, 1, 2
 
 
 def _setup(group: int = 3):
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        initializer_range=0.2,
-    )
+    cfg = LlamaConfig(**SMALL_LLAMA)
     model = LlamaForCausalLM(cfg)
     ids = torch.tensor([[PAD, PAD, BOS, 5, 6], [BOS, 7, 8, 9, 10]])
     mask = (ids != PAD).long()
