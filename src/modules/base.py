@@ -96,7 +96,8 @@ def decoder_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) 
 
 
 # A CPU batch of at least 2 * _GROUP_MIN_ROWS rows runs through the decoder in length-sorted groups when that cuts
-# its padded positions by at least _GROUP_MIN_SAVING (16 DPO rows of ~100 tokens: -9% positions, ~-14% step time).
+# its padded positions by at least _GROUP_MIN_SAVING (benchmark DPO, 16 rows of ~100 tokens: -9% positions, -7% step
+# time with 2 threads, -14% with 1; see benchmarks/README.md).
 _GROUP_MIN_ROWS = 8
 _GROUP_MIN_SAVING = 0.05
 
@@ -163,7 +164,7 @@ def shared_prompt_hidden(
     """:func:`completion_hidden` for batches whose rows share prompts (DPO: chosen and rejected; GRPO: the
     generations of a prompt): each distinct prompt runs once, left-padded, and every row's completion attends to its
     prompt's keys/values through the KV cache. Same states as one forward over the rows (exact up to float rounding),
-    with each shared prompt computed once (DPO: about a quarter fewer positions).
+    with each shared prompt computed once (benchmark DPO: 28% fewer positions than the padded batch, -10% step time).
 
     Returns ``None`` (run the rows as they are) unless every row is ``[pad] prompt completion [pad]`` with a
     non-empty prompt and completion, at least two rows share a prompt, and the model is a plain full-attention decoder.
@@ -216,7 +217,13 @@ def shared_prompt_hidden(
     for rows, w in groups:
         u = torch.tensor([prompt_of_row[r] for r in rows])
         ud = u.to(device)
-        group_cache = DynamicCache([(k.index_select(0, ud), v.index_select(0, ud)) for k, v in kv])
+        pairs = [(k.index_select(0, ud), v.index_select(0, ud)) for k, v in kv]
+        # transformers 4.x: from_legacy_cache; 5.x: the per-layer (key, value) pairs are the first argument
+        group_cache = (
+            DynamicCache.from_legacy_cache(tuple(pairs))
+            if hasattr(DynamicCache, "from_legacy_cache")
+            else DynamicCache(pairs)
+        )
         hidden = decoder(
             input_ids=c_ids[rows, :w].to(device),
             attention_mask=torch.cat([p_mask[u], c_mask[rows, :w]], -1).to(device),
@@ -393,7 +400,7 @@ class AlignmentModule(LightningModule):
                 self.set_reference(load_causal_lm(h.ref_model_name_or_path, torch_dtype=h.torch_dtype))
         if h.gradient_checkpointing:
             unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
 
     def set_reference(self, model: nn.Module | None) -> None:
         """Hold the frozen reference outside the module tree: not trained, not wrapped by DDP/FSDP, not in the state
