@@ -89,11 +89,23 @@ def _layouts():
     }
 
 
+@pytest.fixture(params=["tree", "cache"])
+def shared_layout(request, monkeypatch):
+    """Force one of the two shared-prompt layouts (the default picks by attention cost)."""
+    monkeypatch.setattr(base, "_TREE_MAX_ATTENTION", float("inf") if request.param == "tree" else 0.0)
+    used = []
+    for name in ("_tree_hidden", "_cached_hidden"):
+        fn = getattr(base, name)
+        monkeypatch.setattr(base, name, lambda *a, _fn=fn, _name=name: used.append(_name) or _fn(*a))
+    return request.param, used
+
+
 @pytest.mark.parametrize("layout", list(_layouts()))
-def test_completion_hidden_matches_one_plain_forward(model, layout):
+def test_completion_hidden_matches_one_plain_forward(model, layout, shared_layout):
     prompts, completions, left_pad, shares = _layouts()[layout]
     ids, attn, comp = _batch(prompts, completions, left_pad_prompts=left_pad)
     assert (base.shared_prompt_hidden(model, ids, attn, comp) is not None) == shares
+    assert used_layout(shared_layout) == (shared_layout[0] if shares else None)
     if layout == "unique_prompts_grouped":
         assert base.length_groups(attn, comp) is not None
     params = list(model.model.parameters())
@@ -107,6 +119,38 @@ def test_completion_hidden_matches_one_plain_forward(model, layout):
     g_fast = torch.autograd.grad(fast.square().mean(), params)
     for a, b in zip(g_fast, g_plain):
         assert ((a - b).norm() / b.norm().clamp(min=1e-30)).item() < 1e-5
+
+
+def used_layout(shared_layout) -> str | None:
+    used = shared_layout[1]
+    name = {"_tree_hidden": "tree", "_cached_hidden": "cache"}.get(used[-1]) if used else None
+    used.clear()
+    return name
+
+
+def test_tree_layout_with_eager_attention_uses_an_additive_mask(monkeypatch):
+    monkeypatch.setattr(base, "_TREE_MAX_ATTENTION", float("inf"))
+    used = []
+    monkeypatch.setattr(base, "_tree_hidden", lambda *a, _fn=base._tree_hidden: used.append("tree") or _fn(*a))
+    torch.manual_seed(0)
+    eager = base.load_causal_lm("tiny", attn_implementation="eager").double()
+    assert not base._bool_mask_ok(eager)
+    prompts, completions, left_pad, _ = _layouts()["dpo_4_rows_shared"]
+    ids, attn, comp = _batch(prompts, completions, left_pad_prompts=left_pad)
+    plain = base.decoder_hidden(eager, ids, attn)[:, :-1][comp[:, 1:].bool()]
+    # eager attention takes its softmax in float32, so the packed rows agree to float32 rounding, not float64
+    torch.testing.assert_close(base.shared_prompt_hidden(eager, ids, attn, comp), plain, rtol=1e-4, atol=1e-5)
+    assert used == ["tree"]
+
+
+def test_layout_rule_prefers_the_tree_while_its_attention_is_cheap():
+    # benchmark-like DPO: 8 prompts of 50 tokens, each with two completions of 50: tree 8*150^2 vs cache 1.3x less
+    pairs = {tuple(range(i, i + 50)): [i, i + 8] for i in range(8)}
+    assert base.shared_prompt_layout(pairs, [[3] * 50] * 16) == "tree"
+    # GRPO with 16 long generations of one short prompt: the packed row's square is far larger than the cache's
+    assert base.shared_prompt_layout({tuple(range(20)): list(range(16))}, [[3] * 200] * 16) == "cache"
+    # a mask over the element budget is never built
+    assert base.shared_prompt_layout({(1,): [0, 1]}, [[3] * 3000] * 2) == "cache"
 
 
 def test_no_sharing_with_activation_checkpointing_or_irregular_rows(model):

@@ -102,11 +102,14 @@ def load_tokenizer():
     return tok
 
 
-def build_model(overrides: dict[str, Any] | None = None):
+def build_model(overrides: dict[str, Any] | None = None, attn_implementation: str | None = None):
     """A randomly initialised tiny ``LlamaForCausalLM`` (1.57M parameters by default), fp32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(**{**TINY_MODEL_CONFIG, **(overrides or {})}))
+    cfg = LlamaConfig(**{**TINY_MODEL_CONFIG, **(overrides or {})})
+    if attn_implementation is not None:
+        cfg._attn_implementation = attn_implementation
+    return LlamaForCausalLM(cfg)
 
 
 @lru_cache(maxsize=8)

@@ -29,7 +29,6 @@ from src.losses import group_advantages, grpo_loss, masked_mean, rloo_advantages
 from src.modules.base import RolloutModule, completion_logits, logps_from_logits
 from src.rewards import RewardScorer
 from src.rollout import SamplingConfig
-from src.shared_prefix import grouped_completion_logits
 
 
 class GRPO(RolloutModule):
@@ -114,13 +113,11 @@ class GRPO(RolloutModule):
     def scoring_logits(
         self, model: torch.nn.Module, buf: dict[str, Any], rows: slice | Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Completion-position logits ``[N, V]`` and selector of ``rows`` under ``model``; each group's shared prompt
-        runs once (``src.shared_prefix``) when the rows are whole groups, else one forward over the rows."""
-        ids, mask, cmask = buf["input_ids"][rows], buf["attention_mask"][rows], buf["completion_mask"][rows]
-        out = None
-        if "prompt_len" in buf:
-            out = grouped_completion_logits(model, ids, mask, cmask, buf["prompt_len"], self.hparams.num_generations)
-        return out if out is not None else completion_logits(model, ids, mask, cmask)
+        """Completion-position logits ``[N, V]`` and selector of ``rows`` under ``model``; the generations of a prompt
+        run their shared prompt once (:func:`src.modules.base.shared_prompt_hidden`)."""
+        return completion_logits(
+            model, buf["input_ids"][rows], buf["attention_mask"][rows], buf["completion_mask"][rows]
+        )
 
     def token_logps(self, buf: dict[str, Any], rows: slice | Tensor, with_entropy: bool = False):
         logits, target = self.scoring_logits(self.model, buf, rows)
