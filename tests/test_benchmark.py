@@ -164,3 +164,18 @@ def test_no_sharing_with_activation_checkpointing_or_irregular_rows(model):
     empty = comp.clone()
     empty[1] = 0  # a row without completion tokens
     assert base.shared_prompt_hidden(model, ids, attn, empty) is None
+
+
+def test_packed_rows_run_the_last_layer_only_where_states_are_read(model, monkeypatch):
+    """The tree layout's last layer computes queries, attention output and MLP only at the positions whose states
+    are read (keys/values everywhere): same states as the full packed forward."""
+    monkeypatch.setattr(base, "_TREE_MAX_ATTENTION", float("inf"))
+    assert base._reads_last_layer_sparsely(model, torch.device("cpu"))
+    prompts, completions, left_pad, _ = _layouts()["dpo_16_rows_shared"]
+    ids, attn, comp = _batch(prompts, completions, left_pad_prompts=left_pad)
+    sparse = base.shared_prompt_hidden(model, ids, attn, comp)
+    monkeypatch.setattr(base, "_reads_last_layer_sparsely", lambda *a: False)
+    full = base.shared_prompt_hidden(model, ids, attn, comp)
+    torch.testing.assert_close(sparse, full, rtol=1e-9, atol=1e-9)
+    eager = base.load_causal_lm("tiny", attn_implementation="eager")
+    assert not base._reads_last_layer_sparsely(eager, torch.device("cpu"))
