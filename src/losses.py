@@ -40,6 +40,7 @@ __all__ = [
     "rloo_advantages",
     "simpo_loss",
     "token_logps",
+    "token_logps_and_entropy",
 ]
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "apo_zero", "apo_down", "sppo_hard")
@@ -75,21 +76,28 @@ class _TokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool
+    ) -> tuple[Tensor, Tensor]:
         dtype = _compute_dtype(logits.dtype)
         out = torch.empty(labels.shape, dtype=dtype, device=logits.device)
+        entropy = torch.empty(labels.shape if with_entropy else (0,), dtype=dtype, device=logits.device)
         for s, e in _row_chunks(logits):
             x = logits[s:e].to(dtype)
             if temperature != 1.0:
                 x = x / temperature
             # log_softmax of one chunk (a fused kernel; faster than logsumexp on CPU), then gather and drop it
-            out[s:e] = torch.log_softmax(x, dim=-1).gather(-1, labels[s:e].unsqueeze(-1)).squeeze(-1)
+            logp = torch.log_softmax(x, dim=-1)
+            out[s:e] = logp.gather(-1, labels[s:e].unsqueeze(-1)).squeeze(-1)
+            if with_entropy:  # the same log-softmax gives H = -sum p log p (no gradient)
+                entropy[s:e] = _entropy_from_logp(logp)
         ctx.save_for_backward(logits, labels)
         ctx.temperature = temperature
-        return out
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor, _grad_entropy: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
         logits, labels = ctx.saved_tensors
         temperature = ctx.temperature
         dtype = _compute_dtype(logits.dtype)
@@ -106,9 +114,15 @@ class _TokenLogps(torch.autograd.Function):
             if temperature != 1.0:
                 chunk.div_(temperature)
             if grad is None:  # a single chunk: it is the gradient
-                return chunk.to(logits.dtype), None, None
+                return chunk.to(logits.dtype), None, None, None
             grad[s:e] = chunk
-        return grad, None, None
+        return grad, None, None, None
+
+
+def _entropy_from_logp(logp: Tensor) -> Tensor:
+    """``-sum p log p`` over the last dim from log-probabilities, with ``0 log 0 = 0`` (masked vocabulary)."""
+    p_logp = logp.exp() * logp
+    return -torch.where(logp > -math.inf, p_logp, torch.zeros_like(p_logp)).sum(-1)
 
 
 def token_logps(logits: Tensor, labels: Tensor, *, temperature: float = 1.0) -> Tensor:
@@ -128,16 +142,29 @@ def token_logps(logits: Tensor, labels: Tensor, *, temperature: float = 1.0) -> 
     Returns:
         ``[...]`` log-probabilities.
     """
+    return token_logps_and_entropy(logits, labels, temperature=temperature, with_entropy=False)[0]
+
+
+def token_logps_and_entropy(
+    logits: Tensor, labels: Tensor, *, temperature: float = 1.0, with_entropy: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`token_logps` and, from the same chunk-wise log-softmax, the entropy of ``softmax(logits /
+    temperature)`` at each position (no gradient; what :func:`entropy_from_logits` computes, without a second pass
+    over the ``[..., V]`` logits). ``with_entropy=False`` returns ``(logps, None)``."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on leading dims")
     if logits.dim() == 1:  # a single position
-        return token_logps(logits.unsqueeze(0), labels.unsqueeze(0), temperature=temperature).squeeze(0)
+        lp, ent = token_logps_and_entropy(
+            logits.unsqueeze(0), labels.unsqueeze(0), temperature=temperature, with_entropy=with_entropy
+        )
+        return lp.squeeze(0), None if ent is None else ent.squeeze(0)
     labels = labels.long()
     valid = labels >= 0
-    logps = _TokenLogps.apply(logits, labels.clamp(min=0), float(temperature))
-    return torch.where(valid, logps, torch.zeros((), dtype=logps.dtype, device=logps.device))
+    logps, entropy = _TokenLogps.apply(logits, labels.clamp(min=0), float(temperature), with_entropy)
+    logps = torch.where(valid, logps, torch.zeros((), dtype=logps.dtype, device=logps.device))
+    return logps, entropy if with_entropy else None
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
@@ -157,10 +184,7 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     dtype = _compute_dtype(logits.dtype)
     parts = []
     for s, e in _row_chunks(logits):
-        x = logits[s:e].to(dtype)
-        logp = torch.log_softmax(x, dim=-1)
-        p_logp = logp.exp() * logp
-        parts.append(-torch.where(logp > -math.inf, p_logp, torch.zeros_like(p_logp)).sum(-1))  # 0 log 0 = 0
+        parts.append(_entropy_from_logp(torch.log_softmax(logits[s:e].to(dtype), dim=-1)))
     return torch.cat(parts, dim=0) if parts else logits.new_zeros(logits.shape[:-1], dtype=dtype)
 
 

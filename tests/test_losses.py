@@ -100,6 +100,28 @@ def test_token_logps_chunked_path(monkeypatch):
     close(g, g_ref)
 
 
+@pytest.mark.parametrize("chunk", [10, 1 << 24])
+def test_token_logps_and_entropy_share_one_log_softmax(monkeypatch, chunk):
+    """Same log-probs (values and gradients) as token_logps and the entropy of entropy_from_logits, in one pass; the
+    entropy carries no gradient; masked vocabulary entries (-inf) count as 0 log 0 = 0."""
+    monkeypatch.setattr(L, "_CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(3)
+    logits = torch.randn(3, 4, 6, dtype=D)
+    logits[0, 0, :3] = -math.inf
+    logits.requires_grad_(True)
+    labels = torch.randint(3, 6, (3, 4))
+    labels[2, 3] = -100
+    logps, entropy = L.token_logps_and_entropy(logits, labels, temperature=0.7)
+    ref = token_logps(logits, labels, temperature=0.7)
+    close(logps, ref)
+    close(entropy, entropy_from_logits(logits.detach() / 0.7))
+    assert not entropy.requires_grad and entropy[0, 0] < math.log(3) + 1e-9  # 3 live entries at most ln 3
+    (g,) = torch.autograd.grad(logps.sum(), logits)
+    (g_ref,) = torch.autograd.grad(ref.sum(), logits)
+    close(g, g_ref)
+    assert L.token_logps_and_entropy(logits, labels, with_entropy=False)[1] is None
+
+
 def test_token_logps_bf16_upcasts_to_float32():
     torch.manual_seed(3)
     logits = torch.randn(2, 3, 11).to(torch.bfloat16).requires_grad_()

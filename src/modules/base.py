@@ -21,7 +21,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from src.data import tiny
-from src.losses import entropy_from_logits, token_logps
+from src.losses import token_logps_and_entropy
 from src.rollout import Rollout, SamplingConfig, generate
 
 log = logging.getLogger(__name__)
@@ -482,15 +482,9 @@ def logps_from_logits(
 ) -> tuple[Tensor, Tensor | None]:
     """``[B, T]`` log-probs (and entropies, no gradient) of the completion tokens from the ``[N, V]`` logits and the
     ``[B, T-1]`` selector of :func:`completion_logits`; logits are divided by the sampling ``temperature``."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    per_token = scatter_tokens(token_logps(logits, input_ids[:, 1:][target]), target)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = scatter_tokens(entropy_from_logits(logits.detach()), target)
-    return per_token, entropy
+    labels = input_ids[:, 1:][target]
+    logps, entropy = token_logps_and_entropy(logits, labels, temperature=temperature, with_entropy=with_entropy)
+    return scatter_tokens(logps, target), None if entropy is None else scatter_tokens(entropy, target)
 
 
 # -------------------------------------------------------------------------------------------------------- the module
