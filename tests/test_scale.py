@@ -40,22 +40,23 @@ def run_subprocess(args: list[str], cwd: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def losses(run_dir: Path) -> list[float]:
-    """Per-step ``train/loss`` of a run (logged with sync_dist: the mean over ranks)."""
+def losses(run_dir: Path, key: str = "train/loss") -> list[float]:
+    """Per-step ``train/loss`` (logged with sync_dist: the mean over ranks), or another logged ``key``, of a run."""
     (metrics,) = run_dir.glob("runs/*/version_0/metrics.csv")
-    return column(list(csv.DictReader(metrics.open())), "train/loss")
+    return column(list(csv.DictReader(metrics.open())), key)
 
 
 @pytest.mark.parametrize(
-    "config,batch,extra",
+    "config,batch,extra,metric",
     [
-        ("dpo.yaml", 4, []),
-        ("grpo.yaml", 2, ["--model.init_args.max_new_tokens=8"]),
+        ("dpo.yaml", 4, [], "train/rewards/margins"),
+        ("grpo.yaml", 2, ["--model.init_args.max_new_tokens=8"], "train/entropy"),
     ],
 )
-def test_ddp_two_processes_match_one_process(tmp_path, config, batch, extra):
+def test_ddp_two_processes_match_one_process(tmp_path, config, batch, extra, metric):
     """2 ranks x B rows == 1 process x 2B rows: DDP averages gradients, the dapo normaliser counts tokens over ranks,
-    and rollout noise is seeded per prompt, so the updates agree to fp32 tolerance."""
+    and rollout noise is seeded per prompt, so the updates agree to fp32 tolerance; LogProbMetrics' per-sample means
+    are all-reduced over ranks."""
     common = ["fit", "--config", str(CONFIGS / config), *SAVE_LAST, *extra]
     (tmp_path / "ddp").mkdir()
     (tmp_path / "one").mkdir()
@@ -73,6 +74,8 @@ def test_ddp_two_processes_match_one_process(tmp_path, config, batch, extra):
     run_subprocess([*common, f"--data.batch_size={2 * batch}"], tmp_path / "one")
     ddp, one = losses(tmp_path / "ddp"), losses(tmp_path / "one")
     assert len(one) == 3 and ddp == pytest.approx(one, abs=1e-5)
+    assert len(losses(tmp_path / "one", metric)) == 3
+    assert losses(tmp_path / "ddp", metric) == pytest.approx(losses(tmp_path / "one", metric), abs=1e-5)
     assert torch.load(tmp_path / "ddp/ckpt/last.ckpt", weights_only=False)["global_step"] == 3
 
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from src.callbacks.logprob import MeanAccumulator, step_metrics
 
 
 class Throughput(Callback):
@@ -48,35 +54,103 @@ class Throughput(Callback):
 
 class FitSummary(Callback):
     """Prints, at the end of ``fit``, each of the module's ``summary_metrics`` averaged over the first and the last
-    ``window`` logged steps (and the last validation value), so a run shows at a glance that it learned."""
+    ``window`` optimizer steps (and the last validation value), so a run shows at a glance that it learned.
+
+    Per-step values come from the step outputs, not from ``callback_metrics`` (which ``LogProbMetrics`` refreshes only
+    on logging steps): ``train/loss`` is the step's loss and ``train/<name>`` the mean of the finite entries of
+    ``outputs["metrics"][name]``, pooled over the micro-batches of an accumulated step. A key found in neither falls
+    back to ``trainer.callback_metrics``. Values stay on the device until the end of training (no per-step host
+    sync); under ``torch.distributed`` the per-step sums and counts are all-reduced once then, so the summary is of
+    all ranks' samples.
+    """
 
     def __init__(self, window: int = 10) -> None:
         self.window = window
-        self.history: dict[str, list[float]] = {}
+        self._values: dict[str, list[Tensor]] = {}  # per optimizer step: (sum, count)
+        self._step = MeanAccumulator()  # the current optimizer step's micro-batches
         self._last_step = -1
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        """Per-key values of every optimizer step (steps where a key had no finite value are left out)."""
+        out = {}
+        for key, values in self._values.items():
+            if values:
+                sums, counts = torch.stack([v.to(values[0].device) for v in values]).T.tolist()
+                floats = [a / b for a, b in zip(sums, counts) if b > 0 and math.isfinite(a / b)]
+                if floats:
+                    out[key] = floats
+        return out
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_step = trainer.global_step
+        self._step.clear()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        keys = getattr(pl_module, "summary_metrics", ())
+        metrics = step_metrics(outputs)
+        found = {}
+        for key in keys:
+            name = key.split("/", 1)[1] if key.startswith("train/") else None
+            if key == "train/loss" and isinstance(outputs, dict) and "loss" in outputs:
+                loss = outputs["loss"].detach().float()
+                if pl_module.automatic_optimization:  # Lightning divides the returned loss by the accumulation
+                    loss = loss * trainer.accumulate_grad_batches
+                found[key] = loss
+            elif name is not None and name in metrics:
+                found[key] = metrics[name]
+        if found:
+            self._step.update(found)
         if trainer.global_step == self._last_step:
             return
         self._last_step = trainer.global_step
-        for key in getattr(pl_module, "summary_metrics", ()):
-            value = trainer.callback_metrics.get(key)
-            if value is not None:
-                self.history.setdefault(key, []).append(float(value))
+        totals = self._step.totals()
+        self._step.clear()
+        for key in keys:
+            if key in totals:
+                value = torch.stack(totals[key])
+            elif (logged := trainer.callback_metrics.get(key)) is not None:
+                value = torch.stack([logged.detach().float(), torch.ones_like(logged, dtype=torch.float)])
+            else:
+                continue
+            self._values.setdefault(key, []).append(value)
 
-    def summary(self, trainer: Trainer) -> dict[str, tuple[float, float]]:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Sums the per-step sums and counts over ranks (one collective when every rank has the same steps)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        keys = list(getattr(pl_module, "summary_metrics", ()))
+        device = pl_module.device
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        lengths = torch.tensor([len(self._values.get(k, [])) for k in keys], device=device, dtype=dtype)
+        bounds = torch.stack([lengths, -lengths])
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+        if not torch.equal(bounds[0], -bounds[1]):  # ranks disagree on the steps: keep each rank's own values
+            return
+        present = [k for k in keys if self._values.get(k)]
+        if not present:
+            return
+        flat = torch.cat([torch.stack([v.to(device, dtype) for v in self._values[k]]) for k in present])
+        dist.all_reduce(flat)
+        for k, part in zip(present, flat.split([len(self._values[k]) for k in present])):
+            self._values[k] = list(part)
+
+    def summary(
+        self, trainer: Trainer, history: dict[str, list[float]] | None = None
+    ) -> dict[str, tuple[float, float]]:
         out = {}
-        for key, values in self.history.items():
+        for key, values in (self.history if history is None else history).items():
             n = min(self.window, max(1, len(values) // 2))
             out[key] = (sum(values[:n]) / n, sum(values[-n:]) / n)
         return out
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        history = self.history
         lines = [
-            f"  {k}: step 1 {self.history[k][0]:.4f} | mean of first steps {a:.4f} -> mean of last steps {b:.4f}"
-            for k, (a, b) in self.summary(trainer).items()
+            f"  {k}: step 1 {history[k][0]:.4f} | mean of first steps {a:.4f} -> mean of last steps {b:.4f}"
+            for k, (a, b) in self.summary(trainer, history).items()
         ]
         for key in getattr(pl_module, "summary_metrics", ()):
             val_key = "val/" + key.split("/", 1)[1]
