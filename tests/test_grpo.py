@@ -93,6 +93,14 @@ def test_off_policy_iterations_use_a_real_ratio(run_cli):
     assert column(rows, "train/reward") and column(rows, "train/entropy")
 
 
+def test_grad_norm_metric_is_the_norm_before_clipping(run_cli):
+    """Manual optimization clips before ``on_before_optimizer_step``: the logged norm must still be the unclipped one
+    (as with automatic optimization and TRL), so a 1e-6 clip cannot show up as a 1e-6 gradient norm."""
+    cli = run_cli(["fit", "--config", "grpo.yaml", *FAST, "--model.init_args.max_grad_norm=1e-6"])
+    norms = [float(v) for v in column(read_metrics(cli.trainer.logger.log_dir), "train/grad_norm")]
+    assert norms and min(norms) > 1e-4, norms
+
+
 def test_user_prompts_file_trains(run_cli, tmp_path):
     path = tmp_path / "my_prompts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in generate_rows("prompt", 24, seed=5)))

@@ -665,12 +665,14 @@ class AlignmentModule(LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps))
         return False
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the gradient norm (before clipping) and catch NaN/Inf gradients in the step they appear. Under
-        ``nan_policy: skip`` the gradients are dropped, so the optimizer leaves every parameter and its state as is."""
+    _pre_clip_norm: Tensor | None = None
+
+    def grad_norm(self, optimizer: torch.optim.Optimizer) -> Tensor | None:
+        """Global L2 norm of the gradients of ``optimizer``'s parameters (summed over ranks for sharded strategies);
+        ``None`` when no parameter has a gradient."""
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
-            return
+            return None
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         if (
             self._trainer is not None
@@ -678,6 +680,23 @@ class AlignmentModule(LightningModule):
             and not isinstance(self.trainer.strategy, DDPStrategy)
         ):  # sharded gradients: every rank must take the same decision
             norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
+        return norm
+
+    def clip_grad_norm(self, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+        """Manual optimization (GRPO, PPO): clip to a global norm of ``max_norm`` through Lightning (strategy- and
+        precision-aware), keeping the norm before clipping for ``train/grad_norm``, which is what automatic
+        optimization logs (Lightning clips after ``on_before_optimizer_step``) and what TRL logs."""
+        self._pre_clip_norm = self.grad_norm(optimizer)
+        self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the gradient norm (before clipping) and catch NaN/Inf gradients in the step they appear. Under
+        ``nan_policy: skip`` the gradients are dropped, so the optimizer leaves every parameter and its state as is."""
+        norm, self._pre_clip_norm = self._pre_clip_norm, None
+        if norm is None:
+            norm = self.grad_norm(optimizer)
+        if norm is None:
+            return
         if self._trainer is not None:
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         if not self.check_finite(norm, "gradient norm"):

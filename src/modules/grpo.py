@@ -242,7 +242,7 @@ class GRPO(RolloutModule):
             for k, v in metrics.items():
                 acc[k] = acc.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32) * (s.stop - s.start) / n_rows
         if h.max_grad_norm:
-            self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
+            self.clip_grad_norm(opt, h.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return total, acc

@@ -442,7 +442,7 @@ class PPO(RolloutModule):
                 acc[k] = acc.get(k, 0.0) + v.float() * weight
         for opt in opts:
             if h.max_grad_norm:
-                self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
+                self.clip_grad_norm(opt, h.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
         return acc
