@@ -170,7 +170,7 @@ def _shares_prompts(inner: nn.Module) -> bool:
 # Sharing"); "cache": the prompts once, then the completions on their prompt's KV cache (two or more forwards).
 # The tree needs one decoder call instead of several but its attention covers every packed row's full square, so it is
 # used while that costs at most _TREE_MAX_ATTENTION x the cache layout's attention and its mask stays small
-# (benchmark DPO 8 pairs: 1.4x, -10% step time; GRPO 4 x 4: 1.9x, -5%; see benchmarks/README.md).
+# (benchmark DPO, 8 pairs: 1.4x the attention, -14% step time; GRPO, 4 x 4: 1.9x, -8%; see benchmarks/README.md).
 _TREE_MAX_ATTENTION = 2.5
 _TREE_MAX_MASK = 1 << 24  # elements of the [rows, 1, W, W] mask
 
