@@ -77,6 +77,7 @@ class RecordingOptimizer:
 
     def __init__(self, params):
         self.params, self.grads = list(params), []
+        self.param_groups = [{"params": self.params}]  # as a torch optimizer: the module reads gradient norms from it
 
     def step(self):
         self.grads.append([p.grad.clone() for p in self.params])
