@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -45,6 +46,49 @@ def test_centering_term_and_random_head(pref_batch):
     m.hparams.center_rewards_coefficient = 0.5
     centered, _ = m.compute_loss(pref_batch)
     assert centered.item() == pytest.approx(loss.item() + 0.5 * ((c + r) ** 2).mean().item(), rel=1e-5)
+
+
+def _margin_rows(tmp_path, margins):
+    path = tmp_path / "pairs.jsonl"
+    with open(path, "w") as f:
+        for i, m in enumerate(margins):
+            row = {"prompt": f"p{i} tamezi", "chosen": " tamezi", "rejected": " 12 34"}
+            if m is not ...:
+                row["margin"] = m
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def test_margin_column_reaches_the_loss(tmp_path):
+    """Llama 2's per-pair margin from a ``margin`` column: -log s(r_w - r_l - m); a fresh zero head scores 0, so the
+    loss of each pair is -log s(-m) = softplus(m)."""
+    margins = [0.0, 1.0, 2.5, -1.0]
+    dm = AlignmentDataModule(
+        kind="preference", path=str(_margin_rows(tmp_path, margins)), val_size=0, shuffle=False, batch_size=4
+    )
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert torch.equal(batch["margin"], torch.tensor(margins))
+    loss, _ = fresh_rm().compute_loss(batch)
+    expected = sum(math.log1p(math.exp(m)) for m in margins) / len(margins)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "margins, message",
+    [([0.5, "big", 1.0], "row 2: field 'margin': expected a finite number, got 'big'"),
+     ([0.5, True], "row 2: field 'margin': expected a finite number"),
+     ([0.5, ..., 1.0], "row 2: field 'margin': given on some rows only"),
+     ([..., 0.5], "row 2: field 'margin': given on some rows only")],
+)  # fmt: skip
+def test_bad_margin_column_names_file_row_and_field(tmp_path, margins, message):
+    from src.data.datamodule import DataError
+
+    path = _margin_rows(tmp_path, margins)
+    dm = AlignmentDataModule(kind="preference", path=str(path), val_size=0, shuffle=False, batch_size=2)
+    with pytest.raises(DataError, match=message) as err:
+        dm.setup()
+    assert str(path) in str(err.value)
 
 
 def test_score_is_read_at_the_last_real_token_for_any_padding():

@@ -52,7 +52,8 @@ class SFTCollator:
 class PreferenceCollator:
     """Preference rows -> one right-padded batch of ``2B`` rows: ``B`` × (prompt+chosen) then ``B`` × (prompt+rejected).
 
-    Chosen and rejected go through one concatenated forward. Precomputed reference log-probs, when present on the
+    Chosen and rejected go through one concatenated forward. A per-pair ``margin`` column (reward modelling) becomes
+    ``margin`` ``[B]``. Precomputed reference log-probs, when present on the
     rows, are passed through as ``ref_chosen_logps`` / ``ref_rejected_logps``.
     """
 
@@ -70,6 +71,8 @@ class PreferenceCollator:
             "num_tokens": int(sum(len(p) + len(c) for p, c in zip(prompts, completions))),
             "index": torch.tensor([r["index"] for r in rows]),
         }
+        if "margin" in rows[0]:  # the reward model's per-pair margin (every row has one: checked when loading)
+            batch["margin"] = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)
         if "ref_chosen_logps" in rows[0]:
             batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows])
             batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows])

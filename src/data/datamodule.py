@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 from collections import Counter
@@ -138,6 +139,10 @@ def normalise_row(row: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
         if field not in row or row[field] is None:
             raise DataError(f"{where}: field {field!r}: missing (a {kind} row needs {', '.join(REQUIRED[kind])})")
         _check_text(row[field], where, field)
+    if kind == "preference" and row.get("margin") is not None:
+        m = row["margin"]
+        if isinstance(m, bool) or not isinstance(m, int | float) or not math.isfinite(m):
+            raise DataError(f"{where}: field 'margin': expected a finite number, got {m!r}")
     return row
 
 
@@ -212,6 +217,8 @@ class Tokenize:
         elif kind == "preference":
             for f in ("chosen", "rejected"):
                 out[f"{f}_ids"] = self.completion(row["prompt"], row[f], n, where, f)
+            if row.get("margin") is not None:  # reward modelling: Llama 2's per-pair margin (src.losses)
+                out["margin"] = float(row["margin"])
         else:
             prompt = row["prompt"]
             out["prompt"] = prompt if isinstance(prompt, str) else self.tok.decode(out["prompt_ids"])
@@ -354,6 +361,8 @@ class AlignmentDataModule(LightningDataModule):
                     raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
                 row = normalise_row(row, self.kind, where)
                 out.append(tokenize.row(row, self.kind, where, len(out)))
+                if ("margin" in out[-1]) != ("margin" in out[0]):  # a batch needs a margin on every row or none
+                    raise DataError(f"{where}: field 'margin': given on some rows only (every row needs one, or none)")
         return RowDataset(out)
 
     def setup(self, stage: str | None = None) -> None:
