@@ -179,3 +179,18 @@ def test_packed_rows_run_the_last_layer_only_where_states_are_read(model, monkey
     torch.testing.assert_close(sparse, full, rtol=1e-9, atol=1e-9)
     eager = base.load_causal_lm("tiny", attn_implementation="eager")
     assert not base._reads_last_layer_sparsely(eager, torch.device("cpu"))
+
+
+def test_sharded_models_keep_the_models_own_forward():
+    """FSDP-wrapped layers or sharded (ZeRO-3) parameters must run through their root module's forward: the sparse
+    last layer, which calls the layers itself, is off for them."""
+    m = base.load_causal_lm("tiny")
+    cpu = torch.device("cpu")
+    assert base._reads_last_layer_sparsely(m, cpu)
+    layer = m.model.layers[0]
+    layer.__class__ = type("FSDPLlamaDecoderLayer", (type(layer),), {})
+    assert not base._reads_last_layer_sparsely(m, cpu)
+    m = base.load_causal_lm("tiny")
+    m.model.norm.weight.ds_id = 7  # how DeepSpeed ZeRO-3 marks its partitioned parameters
+    assert not base._reads_last_layer_sparsely(m, cpu)
+    assert not base._reads_last_layer_sparsely(base.load_causal_lm("tiny"), torch.device("meta"))

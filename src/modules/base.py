@@ -272,7 +272,10 @@ def _reads_last_layer_sparsely(inner: nn.Module, device: torch.device) -> bool:
         return False
     if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
         return False
-    return all(type(p) is nn.Parameter for p in decoder.parameters())
+    if any("FSDP" in type(m).__name__ or "FullyShardedDataParallel" in type(m).__name__ for m in decoder.modules()):
+        return False
+    params = list(decoder.parameters())  # DTensor (FSDP2) and ZeRO-3 (ds_id) parameters are shards
+    return bool(params) and all(type(p.data) is Tensor and not hasattr(p, "ds_id") for p in params)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
