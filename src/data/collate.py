@@ -13,12 +13,16 @@ import numpy as np
 import torch
 
 
+def long_tensor(values: Any) -> torch.Tensor:
+    """An int64 tensor from (nested, rectangular) Python lists of ints; via numpy, ~5x faster than ``torch.tensor``."""
+    return torch.from_numpy(np.asarray(values, dtype=np.int64))
+
+
 def _right_pad(seqs: list[list[int]], value: int, multiple: int | None) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     if multiple:
         width = -(-width // multiple) * multiple
-    # one numpy conversion of the padded lists: ~10x faster than a torch.tensor per row
-    return torch.from_numpy(np.asarray([s + [value] * (width - len(s)) for s in seqs], dtype=np.int64))
+    return long_tensor([s + [value] * (width - len(s)) for s in seqs])  # one conversion, not a tensor per row
 
 
 def pad_pairs(prompts: list[list[int]], completions: list[list[int]], pad_id: int, multiple: int | None = None):
@@ -53,8 +57,8 @@ class PreferenceCollator:
     """Preference rows -> one right-padded batch of ``2B`` rows: ``B`` × (prompt+chosen) then ``B`` × (prompt+rejected).
 
     Chosen and rejected go through one concatenated forward. A per-pair ``margin`` column (reward modelling) becomes
-    ``margin`` ``[B]``. Precomputed reference log-probs, when present on the
-    rows, are passed through as ``ref_chosen_logps`` / ``ref_rejected_logps``.
+    ``margin`` ``[B]``. Precomputed reference log-probs, when present on the rows, are passed through as
+    ``ref_chosen_logps`` / ``ref_rejected_logps``.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
