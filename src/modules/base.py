@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from lightning import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 
 from src.data import tiny
@@ -686,7 +687,41 @@ class AlignmentModule(LightningModule):
         precision-aware), keeping the norm before clipping for ``train/grad_norm``, which is what automatic
         optimization logs (Lightning clips after ``on_before_optimizer_step``) and what TRL logs."""
         self._pre_clip_norm = self.grad_norm(optimizer)
-        self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        if not self._clip_with_norm(optimizer, max_norm, self._pre_clip_norm):
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+    def _clip_with_norm(self, optimizer: torch.optim.Optimizer, max_norm: float, norm: Tensor | None) -> bool:
+        """Clip ``optimizer``'s gradients to ``max_norm`` with their already computed global ``norm`` (one pass over
+        the gradients instead of two) where that is what Lightning's clipping computes: whole gradients on every rank
+        (one device or DDP) under fp32 or AMP precision without a loss scaler. ``False`` (nothing done) otherwise."""
+        t = self._trainer
+        if norm is None or t is None or not hasattr(torch.nn.utils, "clip_grads_with_norm_"):  # torch < 2.6
+            return False
+        plugin = t.precision_plugin
+        plain = type(plugin) is Precision or (type(plugin) is MixedPrecision and plugin.scaler is None)
+        if not plain or type(t.strategy) not in (SingleDeviceStrategy, DDPStrategy):
+            return False
+        grads = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
+        return True
+
+    _step_norm: Tensor | None = None  # automatic optimization: the norm logged this step, reused for clipping
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping (``trainer.gradient_clip_val``), reusing the norm ``on_before_optimizer_step`` just
+        computed for ``train/grad_norm`` where :meth:`_clip_with_norm` applies."""
+        norm, self._step_norm = self._step_norm, None
+        if not (
+            gradient_clip_val
+            and gradient_clip_algorithm in (None, "norm")
+            and self._clip_with_norm(optimizer, float(gradient_clip_val), norm)
+        ):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the gradient norm (before clipping) and catch NaN/Inf gradients in the step they appear. Under
@@ -702,6 +737,9 @@ class AlignmentModule(LightningModule):
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
+            return
+        if self.automatic_optimization:
+            self._step_norm = norm
 
     _batch_idx = 0
 
