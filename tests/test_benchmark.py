@@ -194,3 +194,34 @@ def test_sharded_models_keep_the_models_own_forward():
     m.model.norm.weight.ds_id = 7  # how DeepSpeed ZeRO-3 marks its partitioned parameters
     assert not base._reads_last_layer_sparsely(m, cpu)
     assert not base._reads_last_layer_sparsely(base.load_causal_lm("tiny"), torch.device("meta"))
+
+
+def test_tree_rows_run_packed_without_padding(model, monkeypatch):
+    """Under SDPA the tree rows run packed end to end: the linear layers see only real tokens ([1, N]), attention runs
+    per row, and the states equal those of the padded rows with a 4D mask (the fallback for other attention)."""
+    monkeypatch.setattr(base, "_TREE_MAX_ATTENTION", float("inf"))
+    prompts, completions, left_pad, _ = _layouts()["dpo_16_rows_shared"]
+    ids, attn, comp = _batch(prompts, completions, left_pad_prompts=left_pad)
+    shapes = []
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: shapes.append(i[0].shape))
+    packed = base.shared_prompt_hidden(model, ids, attn, comp)
+    hook.remove()
+    real = sum(len(p) for p in prompts[:8]) + sum(len(c) for c in completions)  # 8 prompts, each once
+    assert shapes == [(1, real, model.config.hidden_size)]
+    assert model.config._attn_implementation == "sdpa"  # switched back after the forward
+    monkeypatch.setattr(base, "_packs_rows", lambda inner: False)
+    padded = base.shared_prompt_hidden(model, ids, attn, comp)
+    torch.testing.assert_close(packed, padded, rtol=1e-9, atol=1e-9)
+
+
+def test_packed_rows_refuse_a_model_that_ignores_the_attention_interface(model, monkeypatch):
+    """If a model's attention does not dispatch through transformers' AttentionInterface, the packed rows would attend
+    across rows: this is detected and raised, never silently computed."""
+    import contextlib
+
+    monkeypatch.setattr(base, "_TREE_MAX_ATTENTION", float("inf"))
+    monkeypatch.setattr(base, "_attention_implementation", lambda *a: contextlib.nullcontext())
+    prompts, completions, left_pad, _ = _layouts()["dpo_4_rows_shared"]
+    ids, attn, comp = _batch(prompts, completions, left_pad_prompts=left_pad)
+    with pytest.raises(RuntimeError, match="AttentionInterface"):
+        base.shared_prompt_hidden(model, ids, attn, comp)

@@ -163,11 +163,13 @@ def _shares_prompts(inner: nn.Module) -> bool:
 
 # Rows that share a prompt run it once. Two layouts (same states up to float rounding; see shared_prompt_hidden):
 # "tree": one forward over [prompt | completion 1 | completion 2 | ...] per prompt, each completion attending to the
-# prompt and to itself through a 4D mask (Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix
-# Sharing"); "cache": the prompts once, then the completions on their prompt's KV cache (two or more forwards).
-# The tree needs one decoder call instead of several but its attention covers every packed row's full square, so it is
-# used while that costs at most _TREE_MAX_ATTENTION x the cache layout's attention and its mask stays small
-# (benchmark DPO, 8 pairs: 1.4x the attention, -14% step time; GRPO, 4 x 4: 1.9x, -8%; see benchmarks/README.md).
+# prompt and to itself (Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing"); under
+# SDPA the tree rows are packed end to end without padding and attention runs per row on views of the packed states
+# (_packed_sdpa), otherwise the rows are padded and take a 4D mask; "cache": the prompts once, then the completions on
+# their prompt's KV cache (two or more forwards). The tree needs one decoder call instead of several but its attention
+# covers every row's full square, so it is used while that costs at most _TREE_MAX_ATTENTION x the cache layout's
+# attention (padded widths, conservative for packed rows) and its mask stays small (benchmark DPO, 8 pairs: 1.4x the
+# attention, -14% step time, then -8 to -11% from packing; GRPO, 4 x 4: 1.9x, -8%; see benchmarks/README.md).
 _TREE_MAX_ATTENTION = 2.5
 _TREE_MAX_MASK = 1 << 24  # elements of the [rows, 1, W, W] mask
 
@@ -201,54 +203,153 @@ def _bool_mask_ok(inner: nn.Module) -> bool:
     return getattr(inner.config, "_attn_implementation", None) == "sdpa" and major >= 5
 
 
+class _PackedRows:
+    """Tree rows packed end to end (``[1, N]`` tokens, no padding): row ``r`` holds tokens ``bounds[r]`` and attends
+    through ``masks[r]`` (``[1, 1, L_r, L_r]``, True = attend). ``calls`` counts the attention calls that used it."""
+
+    def __init__(self, bounds: list[tuple[int, int]], masks: list[Tensor]) -> None:
+        self.bounds, self.masks, self.calls = bounds, masks, 0
+
+
+_PACKED_ATTENTION = "lightning_align_packed_sdpa"
+
+
+def _packed_sdpa(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    packed: _PackedRows | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """SDPA over packed tree rows (registered with transformers' ``AttentionInterface``): one call per row on views of
+    the packed queries/keys/values, so neither the linear layers nor attention see padding. Without ``packed`` it is
+    transformers' SDPA attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if packed is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    packed.calls += 1
+    gqa = query.shape[1] != key.shape[1]
+    out = [
+        F.scaled_dot_product_attention(
+            query[:, :, a:b],
+            key[:, :, a:b],
+            value[:, :, a:b],
+            attn_mask=m,
+            dropout_p=dropout,
+            scale=scaling,
+            enable_gqa=gqa,
+        ).transpose(1, 2)
+        for (a, b), m in zip(packed.bounds, packed.masks)
+    ]
+    return torch.cat(out, dim=1), None
+
+
+def _packs_rows(inner: nn.Module) -> bool:
+    """Whether tree rows may run packed (:func:`_packed_sdpa`): SDPA under transformers >= 5 (extra keyword arguments
+    reach the attention function) in a Llama-family decoder, whose attention dispatches through
+    ``AttentionInterface``."""
+    from src.fast_decode import SUPPORTED
+
+    if not _bool_mask_ok(inner) or getattr(inner.config, "model_type", None) not in SUPPORTED:
+        return False
+    from transformers import AttentionInterface
+
+    if _PACKED_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_PACKED_ATTENTION, _packed_sdpa)
+    return True
+
+
+class _attention_implementation:
+    """Context manager: ``config._attn_implementation = name`` inside, the previous value after."""
+
+    def __init__(self, config: Any, name: str) -> None:
+        self.config, self.name = config, name
+
+    def __enter__(self) -> None:
+        self.previous = self.config._attn_implementation
+        self.config._attn_implementation = self.name
+
+    def __exit__(self, *exc: Any) -> None:
+        self.config._attn_implementation = self.previous
+
+
 def _tree_hidden(
     inner: nn.Module, groups: dict[tuple[int, ...], list[int]], completions: list[list[int]], device: torch.device
 ) -> Tensor:
-    """The "tree" layout: one row per prompt, ``[prompt | its completions | pad]``; completion tokens see the prompt
-    and the earlier tokens of their own completion (positions continue from the prompt), pads see the first token."""
+    """The "tree" layout: one row per prompt, ``[prompt | its completions]``; completion tokens see the prompt and the
+    earlier tokens of their own completion (positions continue from the prompt). Where :func:`_packs_rows` holds the
+    rows run packed end to end (``[1, N]``, attention per row); otherwise padded to ``[rows, W]`` with a 4D mask."""
     rows, pos, seg, where = [], [], [], []
     for prompt, members in groups.items():
         p = len(prompt)
         r, q, s = list(prompt), list(range(p)), [0] * p
         for i, b in enumerate(members):
-            where.append((b, len(rows), p - 1, len(r), len(completions[b])))
+            where.append((b, len(rows), p, len(r), len(completions[b])))
             r += completions[b]
             q += range(p, p + len(completions[b]))
             s += [i + 1] * len(completions[b])
         rows.append(r)
         pos.append(q)
         seg.append(s)
-    W = max(map(len, rows))
-    ids = long_tensor([r + [0] * (W - len(r)) for r in rows])
-    pos_t = long_tensor([q + [0] * (W - len(q)) for q in pos])
-    seg_t = long_tensor([s + [-1] * (W - len(s)) for s in seg])
-    key, query = seg_t[:, None, :], seg_t[:, :, None]
-    allowed = torch.ones(W, W, dtype=torch.bool).tril() & (key >= 0) & ((key == 0) | (key == query))
-    allowed[:, :, 0] |= seg_t < 0  # no empty softmax row for pad queries (their states are never read)
-    if _bool_mask_ok(inner):  # SDPA's CPU kernel runs ~8% faster on the benchmark step with a bool mask
-        mask = allowed[:, None]
-    else:  # additive float mask: what eager attention and transformers 4.x take as-is
-        dtype = next(inner.parameters()).dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-    # completion token j is predicted by the previous position: the prompt's last token for j = 0
-    per_row: list[list[int]] = [[] for _ in completions]
-    for b, g, last, start, n in where:
-        per_row[b] = [g * W + last] + [g * W + start + j for j in range(n - 1)]
-    read = np.asarray([i for r in per_row for i in r], dtype=np.int64)
-    ids, pos_t, mask = ids.to(device), pos_t.to(device), mask.to(device)
-    if _reads_last_layer_sparsely(inner, device):
-        # the distinct positions read, as [rows, Q] column indices (padded with column 0) and their [rows * Q] slots
-        kept = np.unique(read)
-        row, col = kept // W, kept % W
-        counts = np.bincount(row, minlength=len(rows))
-        j = np.arange(len(kept)) - (np.cumsum(counts) - counts)[row]
-        columns = np.zeros((len(rows), int(counts.max())), dtype=np.int64)
-        columns[row, j] = col
-        states = _decoder_keeping(inner, ids, pos_t, mask, torch.from_numpy(columns).to(device))
-        index = (row * columns.shape[1] + j)[np.searchsorted(kept, read)]
-        return states.index_select(0, torch.from_numpy(index).to(device))
-    hidden = inner.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos_t, use_cache=False)
-    return hidden.last_hidden_state.reshape(len(rows) * W, -1).index_select(0, torch.from_numpy(read).to(device))
+    lengths = [len(r) for r in rows]
+    # completion token j is predicted by the previous position: the prompt's last token for j = 0 (row-local indices)
+    local: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(completions)
+    row_of = [0] * len(completions)
+    for b, g, p, start, n in where:
+        local[b], row_of[b] = np.r_[p - 1, start + np.arange(n - 1)], g
+    if not _packs_rows(inner):
+        W = max(lengths)
+        ids = long_tensor([r + [0] * (W - len(r)) for r in rows]).to(device)
+        pos_t = long_tensor([q + [0] * (W - len(q)) for q in pos]).to(device)
+        seg_t = long_tensor([s + [-1] * (W - len(s)) for s in seg])
+        key, query = seg_t[:, None, :], seg_t[:, :, None]
+        allowed = torch.ones(W, W, dtype=torch.bool).tril() & (key >= 0) & ((key == 0) | (key == query))
+        allowed[:, :, 0] |= seg_t < 0  # no empty softmax row for pad queries (their states are never read)
+        if _bool_mask_ok(inner):
+            mask = allowed[:, None]
+        else:  # additive float mask: what eager attention and transformers 4.x take as-is
+            dtype = next(inner.parameters()).dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        hidden = inner.get_decoder()(input_ids=ids, attention_mask=mask.to(device), position_ids=pos_t, use_cache=False)
+        read = np.concatenate([row_of[b] * W + local[b] for b in range(len(completions))])
+        return hidden.last_hidden_state.reshape(len(rows) * W, -1).index_select(0, torch.from_numpy(read).to(device))
+    starts = np.cumsum(lengths) - lengths
+    masks = []
+    for s in seg:
+        t = torch.tensor(s)
+        masks.append((torch.ones(len(s), len(s), dtype=torch.bool).tril() & ((t == 0) | (t[:, None] == t))).to(device))
+    packed = _PackedRows([(int(a), int(a) + n) for a, n in zip(starts, lengths)], [m[None, None] for m in masks])
+    ids = long_tensor([t for r in rows for t in r])[None].to(device)
+    pos_t = long_tensor([t for q in pos for t in q])[None].to(device)
+    sparse = _reads_last_layer_sparsely(inner, device)  # before the switch: it checks for SDPA
+    with _attention_implementation(inner.config, _PACKED_ATTENTION):
+        if sparse:
+            # the last layer's queries: per row the contiguous positions from the prompt's last token to the row's
+            # second-to-last token (every read position, plus the unread last token of each non-final completion)
+            prompt_len = [len(k) for k in groups]
+            q_bounds = [(int(a) + p - 1, int(a) + n - 1) for a, n, p in zip(starts, lengths, prompt_len)]
+            q_start = np.cumsum([b - a for a, b in q_bounds]) - [b - a for a, b in q_bounds]
+            read = np.concatenate(
+                [q_start[row_of[b]] + local[b] - (prompt_len[row_of[b]] - 1) for b in range(len(completions))]
+            )
+            states = _decoder_keeping(inner, ids, pos_t, packed, q_bounds, prompt_len)
+        else:
+            read = np.concatenate([starts[row_of[b]] + local[b] for b in range(len(completions))])
+            states = inner.get_decoder()(input_ids=ids, position_ids=pos_t, use_cache=False, packed=packed)
+            states = states.last_hidden_state[0]
+    if packed.calls != inner.config.num_hidden_layers:
+        raise RuntimeError(
+            f"packed tree rows: {packed.calls} of {inner.config.num_hidden_layers} attention layers ran the packed "
+            f"attention; {type(inner).__name__} does not dispatch it through transformers' AttentionInterface"
+        )
+    return states.index_select(0, torch.from_numpy(read).to(device))
 
 
 def _reads_last_layer_sparsely(inner: nn.Module, device: torch.device) -> bool:
@@ -281,41 +382,53 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), -1) * sin[:, None]
 
 
-def _decoder_keeping(inner: nn.Module, ids: Tensor, pos: Tensor, mask: Tensor, columns: Tensor) -> Tensor:
-    """Final-norm decoder states ``[B * Q, H]`` at the positions ``columns`` (``[B, Q]``, per row) of ``ids``
-    (``[B, W]``): every layer but the last as the model's own modules run it; the last layer computes keys and values
-    at every position (later positions attend to them) but its queries, attention output and MLP only at ``columns``.
-    Same values as the full forward; on the benchmark's packed DPO rows ~40% of the last layer's positions are prompt
-    or padding."""
+def _decoder_keeping(
+    inner: nn.Module,
+    ids: Tensor,
+    pos: Tensor,
+    packed: _PackedRows,
+    q_bounds: list[tuple[int, int]],
+    prompt_len: list[int],
+) -> Tensor:
+    """Final-norm decoder states at the packed positions ``q_bounds`` (per row, concatenated: ``[Q, H]``) of the
+    packed tree rows ``ids`` (``[1, N]``): every layer but the last as the model's own modules run it; the last layer
+    computes keys and values at every position (later positions attend to them) but its queries, attention output
+    and MLP only from each row's last prompt token on. Same values as the full forward; on the benchmark's DPO rows
+    ~1/3 of the last layer's positions are prompt tokens."""
     decoder = inner.get_decoder()
     x = decoder.embed_tokens(ids)
     cos, sin = decoder.rotary_emb(x, pos)
     *body, last = decoder.layers
     for layer in body:
-        out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=(cos, sin), use_cache=False)
+        out = layer(x, position_ids=pos, position_embeddings=(cos, sin), use_cache=False, packed=packed)
         x = out[0] if isinstance(out, tuple) else out  # transformers 4.x layers return tuples
-    (B, W, _), Q = x.shape, columns.shape[1]
     attn = last.self_attn
     d = attn.head_dim
     h = last.input_layernorm(x)
-    k = _rotate(attn.k_proj(h).view(B, W, -1, d).transpose(1, 2), cos, sin)
-    v = attn.v_proj(h).view(B, W, -1, d).transpose(1, 2)
-    take = columns[..., None]
-    hq = h.gather(1, take.expand(B, Q, h.shape[-1]))
-    cq, sq = cos.gather(1, take.expand(B, Q, cos.shape[-1])), sin.gather(1, take.expand(B, Q, sin.shape[-1]))
-    q = _rotate(attn.q_proj(hq).view(B, Q, -1, d).transpose(1, 2), cq, sq)
-    o = F.scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        attn_mask=mask.gather(2, columns[:, None, :, None].expand(B, 1, Q, W)),
-        dropout_p=attn.attention_dropout if attn.training else 0.0,
-        scale=attn.scaling,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
-    xq = x.gather(1, take.expand(B, Q, x.shape[-1])) + attn.o_proj(o.transpose(1, 2).reshape(B, Q, -1))
+    k = _rotate(attn.k_proj(h).view(*h.shape[:2], -1, d).transpose(1, 2), cos, sin)
+    v = attn.v_proj(h).view(*h.shape[:2], -1, d).transpose(1, 2)
+    take = torch.from_numpy(np.concatenate([np.arange(a, b) for a, b in q_bounds])).to(ids.device)
+    hq, xq = h[0].index_select(0, take), x[0].index_select(0, take)
+    cq, sq = cos[0].index_select(0, take)[None], sin[0].index_select(0, take)[None]
+    q = _rotate(attn.q_proj(hq).view(1, hq.shape[0], -1, d).transpose(1, 2), cq, sq)
+    o, at = [], 0
+    for (a, b), (qa, qb), m, p in zip(packed.bounds, q_bounds, packed.masks, prompt_len):
+        o.append(
+            F.scaled_dot_product_attention(
+                q[:, :, at : at + qb - qa],
+                k[:, :, a:b],
+                v[:, :, a:b],
+                attn_mask=m[:, :, p - 1 : p - 1 + qb - qa],
+                dropout_p=attn.attention_dropout if attn.training else 0.0,
+                scale=attn.scaling,
+                enable_gqa=q.shape[1] != k.shape[1],
+            ).transpose(1, 2)
+        )
+        at += qb - qa
+    packed.calls += 1
+    xq = xq + attn.o_proj(torch.cat(o, dim=1).reshape(at, -1))
     xq = xq + last.mlp(last.post_attention_layernorm(xq))
-    return decoder.norm(xq).reshape(B * Q, -1)
+    return decoder.norm(xq)
 
 
 def _cached_hidden(
