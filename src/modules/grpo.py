@@ -191,8 +191,9 @@ class GRPO(RolloutModule):
             **{k: v.reshape(1) for k, v in buf["reward_metrics"].items()},
         }
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
-        # this step's mean for the progress bar; loggers get LogProbMetrics' window mean of the same key
-        self.log("train/reward", rewards.mean(), prog_bar=True, logger=False, batch_size=n)
+        # this step's mean for the progress bar (if any); loggers get LogProbMetrics' window mean of the same key
+        if self._trainer is not None and self.trainer.progress_bar_callback is not None:
+            self.log("train/reward", rewards.mean(), prog_bar=True, logger=False, batch_size=n)
         self.maybe_log_completions(buf)
         num_tokens = int(buf["attention_mask"].sum())
         return self.step_output(loss.detach(), metrics, num_tokens=num_tokens, num_samples=n)
