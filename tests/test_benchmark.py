@@ -196,10 +196,26 @@ def test_sharded_models_keep_the_models_own_forward():
     assert not base._reads_last_layer_sparsely(base.load_causal_lm("tiny"), torch.device("meta"))
 
 
-def test_tree_rows_run_packed_without_padding(model, monkeypatch):
-    """Under SDPA the tree rows run packed end to end: the linear layers see only real tokens ([1, N]), attention runs
-    per row, and the states equal those of the padded rows with a 4D mask (the fallback for other attention)."""
+def _gqa_model(kind: str):
+    """Small GQA models of the other supported families: Llama with biases, Qwen2 (q/k/v biases), float64."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from tests.conftest import SMALL_LLAMA
+
+    torch.manual_seed(0)
+    cfg = dict(SMALL_LLAMA, vocab_size=2048, attn_implementation="sdpa")
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**cfg)).double()
+    return LlamaForCausalLM(LlamaConfig(**cfg, attention_bias=True, mlp_bias=True)).double()
+
+
+@pytest.mark.parametrize("kind", ["tiny", "llama_gqa_bias", "qwen2"])
+def test_tree_rows_run_packed_without_padding(model, monkeypatch, kind):
+    """Under SDPA on CPU the tree rows run packed end to end: the linear layers see only real tokens ([1, N]),
+    attention runs per row, and the states and gradients equal those of one plain forward and of the padded rows with a
+    4D mask (the fallback elsewhere), with and without the sparse last layer."""
     monkeypatch.setattr(base, "_TREE_MAX_ATTENTION", float("inf"))
+    model = model if kind == "tiny" else _gqa_model(kind.split("_")[0])
     prompts, completions, left_pad, _ = _layouts()["dpo_16_rows_shared"]
     ids, attn, comp = _batch(prompts, completions, left_pad_prompts=left_pad)
     shapes = []
@@ -209,7 +225,15 @@ def test_tree_rows_run_packed_without_padding(model, monkeypatch):
     real = sum(len(p) for p in prompts[:8]) + sum(len(c) for c in completions)  # 8 prompts, each once
     assert shapes == [(1, real, model.config.hidden_size)]
     assert model.config._attn_implementation == "sdpa"  # switched back after the forward
-    monkeypatch.setattr(base, "_packs_rows", lambda inner: False)
+    plain = base.decoder_hidden(model, ids, attn)[:, :-1][comp[:, 1:].bool()]
+    torch.testing.assert_close(packed, plain, rtol=1e-9, atol=1e-9)
+    params = list(model.model.parameters())
+    g_plain = torch.autograd.grad(plain.square().mean(), params)
+    for a, b in zip(torch.autograd.grad(packed.square().mean(), params), g_plain):
+        assert ((a - b).norm() / b.norm().clamp(min=1e-30)).item() < 1e-5
+    monkeypatch.setattr(base, "_reads_last_layer_sparsely", lambda *a: False)
+    torch.testing.assert_close(base.shared_prompt_hidden(model, ids, attn, comp), plain, rtol=1e-9, atol=1e-9)
+    monkeypatch.setattr(base, "_packs_rows", lambda inner, device: False)
     padded = base.shared_prompt_hidden(model, ids, attn, comp)
     torch.testing.assert_close(packed, padded, rtol=1e-9, atol=1e-9)
 

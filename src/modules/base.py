@@ -163,13 +163,14 @@ def _shares_prompts(inner: nn.Module) -> bool:
 
 # Rows that share a prompt run it once. Two layouts (same states up to float rounding; see shared_prompt_hidden):
 # "tree": one forward over [prompt | completion 1 | completion 2 | ...] per prompt, each completion attending to the
-# prompt and to itself (Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing"); under
-# SDPA the tree rows are packed end to end without padding and attention runs per row on views of the packed states
-# (_packed_sdpa), otherwise the rows are padded and take a 4D mask; "cache": the prompts once, then the completions on
-# their prompt's KV cache (two or more forwards). The tree needs one decoder call instead of several but its attention
-# covers every row's full square, so it is used while that costs at most _TREE_MAX_ATTENTION x the cache layout's
-# attention (padded widths, conservative for packed rows) and its mask stays small (benchmark DPO, 8 pairs: 1.4x the
-# attention, -14% step time, then -8 to -11% from packing; GRPO, 4 x 4: 1.9x, -8%; see benchmarks/README.md).
+# prompt and to itself (Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing"); on CPU
+# under SDPA the tree rows are packed end to end without padding and attention runs per row on views of the packed
+# states (_packed_sdpa), otherwise the rows are padded and take a 4D mask; "cache": the prompts once, then the
+# completions on their prompt's KV cache (two or more forwards). The tree needs one decoder call instead of several
+# but its attention covers every row's full square, so it is used while that costs at most _TREE_MAX_ATTENTION x the
+# cache layout's attention (padded widths, conservative for packed rows) and its mask stays small (benchmark DPO,
+# 8 pairs: 1.4x the attention, -14% step time, then -8 to -11% from packing; GRPO, 4 x 4: 1.9x, -8%; see
+# benchmarks/README.md).
 _TREE_MAX_ATTENTION = 2.5
 _TREE_MAX_MASK = 1 << 24  # elements of the [rows, 1, W, W] mask
 
@@ -251,13 +252,15 @@ def _packed_sdpa(
     return torch.cat(out, dim=1), None
 
 
-def _packs_rows(inner: nn.Module) -> bool:
-    """Whether tree rows may run packed (:func:`_packed_sdpa`): SDPA under transformers >= 5 (extra keyword arguments
-    reach the attention function) in a Llama-family decoder, whose attention dispatches through
-    ``AttentionInterface``."""
+def _packs_rows(inner: nn.Module, device: torch.device) -> bool:
+    """Whether tree rows may run packed (:func:`_packed_sdpa`): on CPU (measured there; on accelerators one SDPA
+    launch per row per layer may cost more than the padding saved, so they keep the padded rows), SDPA under
+    transformers >= 5 (extra keyword arguments reach the attention function), in a Llama-family decoder, whose
+    attention dispatches through ``AttentionInterface``."""
     from src.fast_decode import SUPPORTED
 
-    if not _bool_mask_ok(inner) or getattr(inner.config, "model_type", None) not in SUPPORTED:
+    cpu = device.type == "cpu"
+    if not cpu or not _bool_mask_ok(inner) or getattr(inner.config, "model_type", None) not in SUPPORTED:
         return False
     from transformers import AttentionInterface
 
@@ -304,7 +307,7 @@ def _tree_hidden(
     row_of = [0] * len(completions)
     for b, g, p, start, n in where:
         local[b], row_of[b] = np.r_[p - 1, start + np.arange(n - 1)], g
-    if not _packs_rows(inner):
+    if not _packs_rows(inner, device):
         W = max(lengths)
         ids = long_tensor([r + [0] * (W - len(r)) for r in rows]).to(device)
         pos_t = long_tensor([q + [0] * (W - len(q)) for q in pos]).to(device)
