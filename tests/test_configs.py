@@ -52,3 +52,43 @@ def test_overlay_config(run_cli, overlay, capsys):
         return
     cli = run_cli(["fit", *args, *FAST])
     assert cli.trainer.state.finished and cli.trainer.global_step >= 3
+
+
+def test_tune_malloc_sets_glibc_thresholds_unless_the_user_chose(monkeypatch):
+    """The CLI keeps glibc from unmapping large buffers between steps (mallopt), unless the user opted out or set the
+    MALLOC_*_ variables; it is a no-op where the C library has no mallopt."""
+    import ctypes
+    import platform
+
+    from src import cli
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    for k in ("ALIGN_MALLOC", *cli._MALLOC_ENV):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    assert cli.tune_malloc() is True
+    assert calls == [(-3, 64 << 20), (-1, 256 << 20), (-2, 64 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
+    calls.clear()
+    monkeypatch.setenv("ALIGN_MALLOC", "default")
+    assert cli.tune_malloc() is False and calls == []
+    monkeypatch.delenv("ALIGN_MALLOC")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    assert cli.tune_malloc() is False and calls == []
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+
+    class NoMallopt:
+        pass
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: NoMallopt())
+    assert cli.tune_malloc() is False
+    monkeypatch.undo()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        for k in ("ALIGN_MALLOC", *cli._MALLOC_ENV):
+            monkeypatch.delenv(k, raising=False)
+        assert cli.tune_malloc() is True  # the real glibc accepts the values
