@@ -148,6 +148,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="run both sides under `nice -n N` (e.g. -10 as root: the scheduler favours the benchmark over other jobs "
         "on a shared machine; both sides get the same priority)",
     )
+    ap.add_argument(
+        "--accel",
+        default=None,
+        help="our side's speed-path switch, passed as --model.init_args.accel (auto | off | [feature,...]); "
+        "default: the config's (auto)",
+    )
     args = ap.parse_args(argv)
 
     artifacts = str(Path(args.artifacts).resolve())
@@ -158,7 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.steps:
         common += ["--steps", str(args.steps)]
     cmds = {
-        "ours": ([sys.executable, str(ROOT / "benchmarks" / "run.py"), args.workload, *common], ROOT),
+        "ours": (
+            [sys.executable, str(ROOT / "benchmarks" / "run.py"), args.workload, *common]
+            + ([f"--model.init_args.accel={args.accel}"] if args.accel else []),
+            ROOT,
+        ),
         "trl": ([sys.executable, str(bench_dir / RUNNERS[args.workload]), *common], bench_dir),
     }
     sides = [args.only] if args.only else ["ours", "trl"]
@@ -185,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         threads=args.threads,
         nice=args.nice,
         steps=args.steps,
+        accel=args.accel or "auto",
         artifacts=artifacts,
         median=med,
         runs={s: rows[s] for s in sides},

@@ -24,24 +24,14 @@ NOTEBOOKS = {
     "02_q_learning.ipynb": CELLS_02,
 }
 
-try:  # notebooks 03/04 need src.losses; their cell files may be added later
-    from _cells_03 import CELLS as CELLS_03  # noqa: E402
+# Every notebook is built or the build fails: an ImportError here is a broken cell file, never a skipped notebook.
+from _cells_03 import CELLS as CELLS_03  # noqa: E402
+from _cells_04 import CELLS as CELLS_04  # noqa: E402
+from _cells_05 import CELLS as CELLS_05  # noqa: E402
 
-    NOTEBOOKS["03_policy_gradient_to_ppo.ipynb"] = CELLS_03
-except ImportError:
-    pass
-try:
-    from _cells_04 import CELLS as CELLS_04  # noqa: E402
-
-    NOTEBOOKS["04_dpo_and_grpo_losses.ipynb"] = CELLS_04
-except ImportError:
-    pass
-try:  # notebook 05 runs the CLI (src.cli)
-    from _cells_05 import CELLS as CELLS_05  # noqa: E402
-
-    NOTEBOOKS["05_tour_of_the_template.ipynb"] = CELLS_05
-except ImportError:
-    pass
+NOTEBOOKS["03_policy_gradient_to_ppo.ipynb"] = CELLS_03
+NOTEBOOKS["04_dpo_and_grpo_losses.ipynb"] = CELLS_04
+NOTEBOOKS["05_tour_of_the_template.ipynb"] = CELLS_05
 
 
 def build(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:

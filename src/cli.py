@@ -113,34 +113,6 @@ class AlignCLI(LightningCLI):
                 wandb.teardown()  # forget this run's settings (directory...) so a next in-process run starts clean
 
 
-# glibc malloc settings for training loops (see tune_malloc): mallopt parameter ids and values
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_MALLOC = {_M_MMAP_THRESHOLD: 64 << 20, _M_TRIM_THRESHOLD: 256 << 20, _M_TOP_PAD: 64 << 20}
-_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
-
-
-def tune_malloc() -> bool:
-    """Keep glibc's malloc from returning large tensor buffers to the OS between steps.
-
-    By default glibc serves allocations above its mmap threshold with ``mmap`` and trims freed heap memory, so a CPU
-    training loop re-faults fresh pages for its activations every step (~3.7K page faults per benchmark DPO step).
-    This serves allocations up to 64 MiB from the heap, keeps up to 256 MiB of freed memory and grows the heap in
-    64 MiB steps (benchmark DPO step -4.5%, peak RSS unchanged). Skipped where the C library is not glibc, when the
-    user set any ``MALLOC_*_`` variable of these, or with ``ALIGN_MALLOC=default``. Returns whether it applied.
-    """
-    if os.environ.get("ALIGN_MALLOC") == "default" or any(k in os.environ for k in _MALLOC_ENV):
-        return False
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
-        return False
-    return all(mallopt(param, value) == 1 for param, value in _MALLOC.items())
-
-
 def main(args: list[str] | None = None, run: bool = True) -> AlignCLI | Path:
     """Run the CLI in-process, e.g. ``main(["fit", "--config", "configs/dpo.yaml", "--trainer.max_steps=2"])``;
     ``main(["export", "--ckpt_path", CKPT, "--out", DIR])`` writes a Hugging Face directory (``src.export``)."""
@@ -149,7 +121,6 @@ def main(args: list[str] | None = None, run: bool = True) -> AlignCLI | Path:
         from src.export import main as export_main
 
         return export_main(argv[1:])
-    tune_malloc()
     return AlignCLI(
         AlignmentModule,
         AlignmentDataModule,

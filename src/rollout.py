@@ -3,9 +3,10 @@
 ``generate`` prefills left-padded prompts once, then decodes one token per step for the whole batch with a KV cache,
 computing the LM head on the last position only. Per decode step it runs the model forward plus a handful of small
 tensor ops; the only host sync is one cheap "has every row finished?" check. It works with any Hugging Face causal
-LM that accepts ``input_ids``, ``attention_mask``, ``position_ids``, a cache object and ``use_cache``. For
-Llama-family models (``src.fast_decode``) the decode steps skip the Hugging Face module stack and run the same
-computation with plain torch ops over a preallocated KV buffer (same tokens and log-probs, ~1.5x faster on CPU).
+LM that accepts ``input_ids``, ``attention_mask``, ``position_ids``, a cache object and ``use_cache``. With an
+``accel`` (:class:`src.accel.Accel`) that enables them, the decode steps run the lean decoder of
+``src/accel/decode.py`` (``fast_decode``) or append into preallocated cache buffers (``growing_cache``): same tokens
+and log-probs.
 
 Log-probs (``return_logps=True``) are those of the sampled tokens under ``softmax(logits / temperature)`` of the
 *unfiltered* logits: top-k / top-p / min-p shape what is sampled but not the reported probability. This is what a
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,12 +38,8 @@ class SamplingConfig:
         min_p: Drop tokens whose probability is below ``min_p * max_prob``; ``0`` disables it.
         num_generations: Completions per prompt; the copies of one prompt are consecutive rows.
         return_logps: Also return per-token log-probs of the sampled tokens (see module docstring).
-        cache: ``"dynamic"`` (default): transformers' ``DynamicCache`` whose full-attention layers append into a
-            preallocated buffer (no per-step ``torch.cat``, attention over the filled length only); ``"static"``:
-            transformers' ``StaticCache`` (attention always spans ``prompt + max_new_tokens``).
-        fast_decode: Decode with :class:`src.fast_decode.FastDecoder` (plain torch ops on the model's weights, same
-            results as the Hugging Face forward) when the model is a supported Llama-family model and ``cache`` is
-            ``"dynamic"``; otherwise, or when ``False``, every decode step calls the model's forward.
+        cache: ``"dynamic"`` (default): transformers' ``DynamicCache``; ``"static"``: transformers' ``StaticCache``
+            (attention always spans ``prompt + max_new_tokens``).
     """
 
     max_new_tokens: int = 32
@@ -52,7 +50,6 @@ class SamplingConfig:
     num_generations: int = 1
     return_logps: bool = False
     cache: str = "dynamic"
-    fast_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -184,82 +181,20 @@ def _make_cache(model: nn.Module, kind: str, max_len: int):
         return DynamicCache()
 
 
-def _growing_layer_class():
-    """A ``DynamicLayer`` that appends into a preallocated buffer instead of ``torch.cat`` (None if unavailable)."""
-    global _GROWING_LAYER
-    if _GROWING_LAYER is not False:
-        return _GROWING_LAYER
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:  # transformers < 4.56 has no per-layer cache objects
-        _GROWING_LAYER = None
-        return None
-
-    class GrowingLayer(DynamicLayer):
-        """Full-attention KV layer over a ``[B, H, capacity, D]`` buffer; ``keys``/``values`` view the filled part."""
-
-        def __init__(self, keys: Tensor, values: Tensor, capacity: int):
-            super().__init__()
-            n = keys.shape[-2]
-            self._k = keys.new_empty(*keys.shape[:2], capacity, keys.shape[-1])
-            self._v = values.new_empty(*values.shape[:2], capacity, values.shape[-1])
-            self._k[:, :, :n] = keys
-            self._v[:, :, :n] = values
-            self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
-            self.device, self.is_initialized = keys.device, True
-
-        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-            start = self.keys.shape[-2]
-            end = start + key_states.shape[-2]
-            if self._k is None or end > self._k.shape[-2]:  # out of room (or reordered): plain concatenation
-                self._k = self._v = None
-                return super().update(key_states, value_states, *args, **kwargs)
-            self._k[:, :, start:end] = key_states
-            self._v[:, :, start:end] = value_states
-            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
-            return self.keys, self.values
-
-        def reorder_cache(self, beam_idx: Tensor) -> None:
-            super().reorder_cache(beam_idx)
-            self._k = self._v = None
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            super().batch_repeat_interleave(repeats)
-            self._k = self._v = None
-
-        def batch_select_indices(self, indices: Tensor) -> None:
-            super().batch_select_indices(indices)
-            self._k = self._v = None
-
-    _GROWING_LAYER = GrowingLayer
-    return GrowingLayer
-
-
-_GROWING_LAYER = False
-
-
-def _expand_cache(cache, repeats: int, capacity: int, preallocate: bool) -> None:
-    """Repeat every cached row ``repeats`` times (consecutively); optionally move full-attention layers to buffers."""
-    layers = getattr(cache, "layers", None)
-    if layers is None:  # transformers < 4.56: one cache object, no per-layer access
-        if repeats > 1:
-            cache.batch_repeat_interleave(repeats)
+def _expand_cache(cache, repeats: int) -> None:
+    """Repeat every cached row ``repeats`` times (consecutively)."""
+    if repeats <= 1:
         return
-    growing = _growing_layer_class() if preallocate else None
-    from transformers.cache_utils import DynamicLayer
-
-    for i, layer in enumerate(layers):
-        if growing is not None and type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel() > 0:
-            keys, values = layer.keys, layer.values
-            if repeats > 1:
-                keys, values = keys.repeat_interleave(repeats, dim=0), values.repeat_interleave(repeats, dim=0)
-            layers[i] = growing(keys, values, capacity)
-        elif repeats > 1:
-            if hasattr(layer, "batch_repeat_interleave"):
-                layer.batch_repeat_interleave(repeats)
-            else:
-                index = torch.arange(layer.keys.size(0), device=layer.keys.device).repeat_interleave(repeats)
-                layer.reorder_cache(index)
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # one cache object, no per-layer access
+        cache.batch_repeat_interleave(repeats)
+        return
+    for layer in layers:
+        if hasattr(layer, "batch_repeat_interleave"):
+            layer.batch_repeat_interleave(repeats)
+        else:
+            index = torch.arange(layer.keys.size(0), device=layer.keys.device).repeat_interleave(repeats)
+            layer.reorder_cache(index)
 
 
 def _eos_tensor(eos_token_id: int | list[int], device: torch.device) -> Tensor:
@@ -285,6 +220,7 @@ def generate(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
+    accel: Any = None,
 ) -> Rollout:
     """Sample ``config.num_generations`` completions for each left-padded prompt.
 
@@ -300,6 +236,7 @@ def generate(
         noise: ``[N * num_generations, max_new_tokens]`` uniform numbers in [0, 1), one per row and step, used
             instead of ``generator``. Seeding them per prompt makes samples independent of how prompts are batched
             or split across ranks (the trainers do this), so runs are reproducible and resumable.
+        accel: An :class:`src.accel.Accel`; ``None`` = the plain Hugging Face forward at every step.
 
     Returns:
         A :class:`Rollout` with ``N * num_generations`` rows; copies of one prompt are consecutive. The model runs in
@@ -361,13 +298,11 @@ def generate(
             logits = out.logits[:, -1]
             if n > 1:
                 logits = logits.repeat_interleave(n, dim=0)
-            fast = None
-            if config.fast_decode and not static:
-                from src.fast_decode import FastDecoder
-
-                fast = FastDecoder.build(model, cache, full_mask, decode_pos, n)
+            fast = None if accel is None or static else accel.decoder(model, cache, full_mask, decode_pos, n)
             if fast is None:
-                _expand_cache(cache, n, capacity, preallocate=not static)
+                _expand_cache(cache, n)
+                if accel is not None and not static:
+                    accel.preallocate(cache, capacity)
             else:
                 out = cache = None  # the decoder holds its own copy of the prefill keys/values
                 extra = {}

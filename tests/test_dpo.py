@@ -11,7 +11,7 @@ import torch
 
 from src.data import AlignmentDataModule
 from src.data.tiny import generate_rows
-from src.modules.base import completion_logps
+from src.logprobs import completion_logps
 from src.modules.dpo import DPO
 from tests.conftest import FAST, column, read_metrics
 
@@ -186,27 +186,3 @@ def test_reference_from_a_separate_checkpoint(run_cli, tmp_path):
     )
     assert other[0] != pytest.approx(math.log(2), abs=1e-3)  # a different reference shifts the implicit rewards
     assert cli.model.ref_model is not None and not cli.model.ref_model.training
-
-
-def test_clipping_with_the_logged_norm_equals_lightnings_clipping(run_cli, monkeypatch):
-    """Norm clipping reuses the norm computed for ``train/grad_norm`` (one pass over the gradients): with a clip that
-    binds at every step, the trained weights equal those of Lightning's own ``clip_grad_norm_``."""
-    from src.modules import base
-
-    args = ["fit", "--config", "dpo.yaml", *FAST, "--trainer.gradient_clip_val=1e-2", "--trainer.limit_val_batches=0"]
-    used, norms = [], []
-    reuse = base.AlignmentModule._clip_with_norm
-
-    def spy(self, optimizer, max_norm, norm):
-        norms.append(float(norm))
-        used.append(reuse(self, optimizer, max_norm, norm))
-        return used[-1]
-
-    monkeypatch.setattr(base.AlignmentModule, "_clip_with_norm", spy)
-    reused = run_cli(args).model.model.state_dict()
-    assert used == [True] * 3 and min(norms) > 1e-2  # the clip binds at every step
-    monkeypatch.setattr(base.AlignmentModule, "_clip_with_norm", lambda *a: False)
-    lightning = run_cli(args).model.model.state_dict()
-    for k, v in reused.items():
-        torch.testing.assert_close(v, lightning[k], rtol=1e-5, atol=1e-7, msg=k)
-    assert any(not torch.equal(v, base.load_causal_lm("tiny").state_dict()[k]) for k, v in reused.items())

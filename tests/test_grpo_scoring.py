@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from src.modules import base
-from src.modules.base import completion_logits, logps_from_logits
+from src.accel import FEATURES, Accel, prefix
+from src.logprobs import completion_logits, logps_from_logits, position_ids_from_mask
 from src.rollout import SamplingConfig, generate
 from tests.conftest import SMALL_LLAMA
 
@@ -36,7 +36,7 @@ def _setup(group: int = 3):
 
 def _plain_logits(model, ids, am, cm):
     target = cm[:, 1:].bool()
-    logits = model(input_ids=ids, attention_mask=am, position_ids=base.position_ids_from_mask(am)).logits
+    logits = model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits
     return logits[:, :-1][target], target
 
 
@@ -49,13 +49,13 @@ def _logps_and_grads(model, logits_target, ids):
 
 @pytest.mark.parametrize("layout", ["tree", "cache"])
 def test_grouped_scoring_matches_full_forward(layout, monkeypatch):
-    monkeypatch.setattr(base, "_TREE_MAX_ATTENTION", float("inf") if layout == "tree" else 0.0)
+    monkeypatch.setattr(prefix, "_TREE_MAX_ATTENTION", float("inf") if layout == "tree" else 0.0)
     model, ids, am, cm, _ = _setup()
-    groups, completions = base._shared_prompts(ids, am, cm)
+    groups, completions = prefix.shared_prompts(ids, am, cm)
     assert [len(rows) for rows in groups.values()] == [3, 3]
-    assert base.shared_prompt_layout(groups, completions) == layout
+    assert prefix.shared_prompt_layout(groups, completions) == layout
     full = _logps_and_grads(model, _plain_logits(model, ids, am, cm), ids)
-    grouped = _logps_and_grads(model, completion_logits(model, ids, am, cm), ids)
+    grouped = _logps_and_grads(model, completion_logits(model, ids, am, cm, Accel(FEATURES)), ids)
     torch.testing.assert_close(grouped[0], full[0], atol=1e-5, rtol=0)
     for a, b in zip(grouped[1], full[1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -63,7 +63,7 @@ def test_grouped_scoring_matches_full_forward(layout, monkeypatch):
 
 def test_no_sharing_without_repeated_prompts_or_under_gradient_checkpointing():
     model, ids, am, cm, _ = _setup()
-    assert base.shared_prompt_hidden(model, ids, am, cm) is not None
-    assert base.shared_prompt_hidden(model, ids[::3], am[::3], cm[::3]) is None  # one row per prompt: nothing shared
+    assert prefix.shared_prompt_hidden(model, ids, am, cm) is not None
+    assert prefix.shared_prompt_hidden(model, ids[::3], am[::3], cm[::3]) is None  # one row per prompt: nothing shared
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert base.shared_prompt_hidden(model, ids, am, cm) is None
+    assert prefix.shared_prompt_hidden(model, ids, am, cm) is None

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from src.accel import Accel
 from src.rollout import Rollout, SamplingConfig, generate, sample_from_logits
 from tests.conftest import SMALL_LLAMA
 
@@ -35,9 +36,11 @@ def prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _run(model, ids, mask, seed: int | None = 0, **cfg) -> Rollout:
+def _run(model, ids, mask, seed: int | None = 0, accel=None, **cfg) -> Rollout:
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    return generate(model, ids, mask, SamplingConfig(**cfg), eos_token_id=EOS, pad_token_id=PAD, generator=gen)
+    return generate(
+        model, ids, mask, SamplingConfig(**cfg), eos_token_id=EOS, pad_token_id=PAD, generator=gen, accel=accel
+    )
 
 
 class ForceEOS(nn.Module):
@@ -289,7 +292,10 @@ def test_invalid_config():
         SamplingConfig(num_generations=0)
 
 
-# ------------------------------------------------------------------------------------------- fast decode path
+# --------------------------------------------------------------- accel: fast_decode and growing_cache vs plain
+FAST = Accel(["fast_decode", "growing_cache"])
+
+
 def _llama_variant(kind: str) -> nn.Module:
     """Small models of the supported families: GQA Llama with biases, and Qwen2 (q/k/v biases)."""
     torch.manual_seed(3)
@@ -305,13 +311,13 @@ def _llama_variant(kind: str) -> nn.Module:
 @pytest.mark.parametrize("cfg", [dict(temperature=0.0), dict(temperature=1.0, num_generations=3)])
 def test_fast_decode_matches_hf_forward(model, prompts, variant, cfg):
     """The lean decoder samples the same tokens and reports the same log-probs as the Hugging Face forward."""
-    from src.fast_decode import FastDecoder
+    from src.accel.decode import FastDecoder
 
     m = model if variant == "base" else _llama_variant(variant)
     ids, mask = prompts
     kw = dict(max_new_tokens=12, return_logps=True, **cfg)
-    fast = _run(m, ids, mask, fast_decode=True, **kw)
-    slow = _run(m, ids, mask, fast_decode=False, **kw)
+    fast = _run(m, ids, mask, accel=FAST, **kw)
+    slow = _run(m, ids, mask, accel=None, **kw)
     assert torch.equal(fast.completion_ids, slow.completion_ids)
     assert torch.equal(fast.completion_mask, slow.completion_mask)
     torch.testing.assert_close(fast.logps, slow.logps, atol=1e-5, rtol=0)
@@ -332,12 +338,29 @@ def test_fast_decode_matches_hf_forward(model, prompts, variant, cfg):
     assert FastDecoder.build(m, cache, full, mask.sum(1, keepdim=True) + torch.arange(4), 1) is not None
 
 
+@pytest.mark.parametrize("cfg", [dict(temperature=0.0), dict(temperature=1.0, num_generations=3)])
+def test_growing_cache_matches_the_plain_cache(model, prompts, cfg, monkeypatch):
+    """KV layers that append into a preallocated buffer give the same tokens and log-probs as transformers' cache."""
+    from src.accel import decode
+
+    ids, mask = prompts
+    moved = []
+    real = decode.preallocate_cache
+    monkeypatch.setattr(decode, "preallocate_cache", lambda *a: moved.append(real(*a)) or moved[-1])
+    kw = dict(max_new_tokens=12, return_logps=True, **cfg)
+    grown = _run(model, ids, mask, accel=Accel(["growing_cache"]), **kw)
+    plain = _run(model, ids, mask, accel=None, **kw)
+    assert moved == [True]  # the buffers were really used
+    assert torch.equal(grown.completion_ids, plain.completion_ids)
+    torch.testing.assert_close(grown.logps, plain.logps, atol=1e-6, rtol=0)
+
+
 def test_fast_decode_falls_back_for_other_models(model, prompts):
     """Wrapped or unsupported models decode through their own forward (the wrapper's EOS forcing is honoured)."""
-    from src.fast_decode import FastDecoder
+    from src.accel.decode import FastDecoder
 
     ids, mask = prompts
     wrapped = ForceEOS(model, {0: 2})
-    r = _run(wrapped, ids, mask, max_new_tokens=6)
+    r = _run(wrapped, ids, mask, accel=FAST, max_new_tokens=6)
     assert r.completion_mask[0].sum() == 3 and wrapped.calls >= 3
     assert FastDecoder.build(wrapped, None, mask, mask, 1) is None

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from src.data.tiny import generate_rows
-from tests.conftest import CONFIGS, FAST, ROOT, column
+from tests.conftest import CONFIGS, FAST, ROOT, SMALL_LLAMA, column
 
 SAVE_LAST = [
     "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
@@ -82,7 +82,7 @@ def test_ddp_two_processes_match_one_process(tmp_path, config, batch, extra, met
 def test_export_round_trip_reproduces_logps(run_cli, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from src.modules.base import completion_logps
+    from src.logprobs import completion_logps
 
     cli = run_cli(["fit", "--config", "dpo.yaml", *FAST, *SAVE_LAST])
     ckpt = tmp_path / "ckpt" / "last.ckpt"
@@ -100,7 +100,7 @@ def test_export_merges_lora(run_cli, tmp_path):
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from src.modules.base import completion_logps
+    from src.logprobs import completion_logps
 
     lora = '{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}'
     cli = run_cli(["fit", "--config", "dpo.yaml", *FAST, *SAVE_LAST, f"--model.init_args.lora={lora}"])
@@ -116,18 +116,32 @@ def test_export_merges_lora(run_cli, tmp_path):
 
 
 def test_fsdp_overlay_instantiates_with_decoder_layer_policy():
+    """The FSDP overlay wraps whatever decoder layer the model declares (``_no_split_modules``): Llama and Qwen2."""
     from typing import Union
 
     from jsonargparse import ArgumentParser
     from lightning.pytorch.strategies import FSDPStrategy, Strategy
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from src.modules.base import load_causal_lm
+    from src.strategies import NoSplitModulesPolicy
 
     parser = ArgumentParser()
     parser.add_argument("--strategy", type=Union[str, Strategy])  # noqa: UP007 - jsonargparse needs the Union form
     cfg = yaml.safe_load((CONFIGS / "trainer/fsdp.yaml").read_text())["trainer"]["strategy"]
     strategy = parser.instantiate(parser.parse_object({"strategy": cfg})).strategy
     assert isinstance(strategy, FSDPStrategy)
-    assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
+    assert isinstance(strategy.kwargs["auto_wrap_policy"], NoSplitModulesPolicy)
+    for model, layer in (
+        (load_causal_lm("tiny"), "LlamaDecoderLayer"),
+        (Qwen2ForCausalLM(Qwen2Config(**SMALL_LLAMA)), "Qwen2DecoderLayer"),
+    ):
+        policy = NoSplitModulesPolicy()
+        root = torch.nn.ModuleDict({"policy": model})  # as FSDP sees it: the LightningModule around the HF model
+        assert policy(root, recurse=True, nonwrapped_numel=0)
+        wrapped = [m for m in root.modules() if policy(m, recurse=False, nonwrapped_numel=0)]
+        assert wrapped and {type(m).__name__ for m in wrapped} == {layer}
+        assert len(wrapped) == model.config.num_hidden_layers
     for name in ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml"):
         assert yaml.safe_load((CONFIGS / "trainer" / name).read_text())["trainer"]["strategy"].startswith("deepspeed")
 

@@ -189,7 +189,7 @@ class LogProbMetrics(Callback):
         on a fixed validation set; logged as ``heldout/*``."""
         if not hasattr(pl_module, "heldout_sequences"):
             return
-        from src.modules.base import completion_logits
+        from src.logprobs import completion_logits
 
         sums = {"logp_per_token": 0.0, "entropy": 0.0, "kl": 0.0}
         n_tokens = 0

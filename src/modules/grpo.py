@@ -18,40 +18,30 @@ The ``dapo`` normaliser counts the active tokens of the whole optimizer step: ev
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from src.logprobs import completion_logits, logps_from_logits
 from src.losses import group_advantages, grpo_loss, masked_mean, rloo_advantages
-from src.modules.base import RolloutModule, completion_logits, logps_from_logits
-from src.rewards import RewardScorer
+from src.modules.online import OnlineModule
 from src.rollout import SamplingConfig
 
 
-class GRPO(RolloutModule):
+class GRPO(OnlineModule):
     """GRPO and its variants (manual optimization).
 
-    Args:
-        reward_funcs: reward functions by import path (``src.rewards.digit_fraction``), callables, or
-            ``{class_path, init_args}`` (e.g. ``src.rewards.RewardModelScorer``); see ``src/rewards.py``.
-        reward_weights: one weight per function (default 1 each); the total is the weighted sum, None-safe.
-        reward_timeout_s: a reward function that runs longer raises ``TimeoutError``.
-        num_generations: G, completions per prompt (one group).
-        max_new_tokens / temperature / top_p / top_k / min_p: sampling (``src.rollout.SamplingConfig``).
+    Args (sampling, rewards, ``micro_batch_size``, ``max_grad_norm``: :class:`~src.modules.online.OnlineModule`):
         beta: KL coefficient (0 like TRL ≥ 0.19: no reference model is loaded); ``kl``: estimator k1 | k2 | k3.
         epsilon_low / epsilon_high: clip range ``[1 − ε_low, 1 + ε_high]`` (clip-higher when ε_high > ε_low).
         loss_type: ``grpo`` | ``bnpo`` | ``dr_grpo`` | ``dapo`` (see ``src.losses.grpo_loss``).
         scale_rewards: ``group`` | ``batch`` | ``none`` (Dr. GRPO); ``advantage``: ``grpo`` | ``rloo``.
         num_iterations: μ, passes over each generation buffer (> 1 is off-policy reuse with a real clipped ratio).
         steps_per_generation: optimizer steps per generation buffer (the buffer is split into this many parts).
-        micro_batch_size: completions per forward/backward (gradient accumulation inside a step); None = all.
         mask_truncated_completions: completions without EOS get no loss (DAPO).
         importance_sampling_level: ``token`` | ``sequence`` (GSPO).
-        log_completions_every_n_steps: a table of prompts/completions/rewards to W&B (and the console) every N steps.
-        max_grad_norm: global gradient-norm clipping (manual optimization: ``trainer.gradient_clip_val`` is unused).
     """
 
     data_kind = "prompt"
@@ -60,15 +50,6 @@ class GRPO(RolloutModule):
     def __init__(
         self,
         *args: Any,
-        reward_funcs: list[str | Callable] | str = "src.rewards.digit_fraction",
-        reward_weights: list[float] | None = None,
-        reward_timeout_s: float | None = None,
-        num_generations: int = 4,
-        max_new_tokens: int = 32,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
         beta: float = 0.0,
         kl: Literal["k1", "k2", "k3"] = "k3",
         kl_ratio_correction: bool = True,
@@ -79,31 +60,15 @@ class GRPO(RolloutModule):
         advantage: Literal["grpo", "rloo"] = "grpo",
         num_iterations: int = 1,
         steps_per_generation: int = 1,
-        micro_batch_size: int | None = None,
         mask_truncated_completions: bool = False,
         importance_sampling_level: Literal["token", "sequence"] = "token",
-        log_completions_every_n_steps: int = 0,
-        max_grad_norm: float | None = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.save_hyperparameters()
-        self.automatic_optimization = False
         self.needs_reference = beta > 0
-        self.rewards = RewardScorer(
-            reward_funcs if isinstance(reward_funcs, list) else [reward_funcs], reward_weights, reward_timeout_s
-        )
-        self.sampling = SamplingConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            num_generations=num_generations,
-        )
-        self.tokenizer = None
 
-    # -- advantages and log-probs (rollout, sampling and scoring: RolloutModule) --------------------------------------
+    # -- advantages and log-probs (rollout, sampling and scoring: OnlineModule) ---------------------------------------
     def advantages(self, rewards: Tensor) -> Tensor:
         g = self.hparams.num_generations
         if self.hparams.advantage == "rloo":
@@ -114,10 +79,9 @@ class GRPO(RolloutModule):
         self, model: torch.nn.Module, buf: dict[str, Any], rows: slice | Tensor
     ) -> tuple[Tensor, Tensor]:
         """Completion-position logits ``[N, V]`` and selector of ``rows`` under ``model``; the generations of a prompt
-        run their shared prompt once (:func:`src.modules.base.shared_prompt_hidden`)."""
-        return completion_logits(
-            model, buf["input_ids"][rows], buf["attention_mask"][rows], buf["completion_mask"][rows]
-        )
+        may run their shared prompt once (``accel`` feature ``prefix_sharing``)."""
+        ids, attn, mask = buf["input_ids"][rows], buf["attention_mask"][rows], buf["completion_mask"][rows]
+        return completion_logits(model, ids, attn, mask, self.accel)
 
     def token_logps(self, buf: dict[str, Any], rows: slice | Tensor, with_entropy: bool = False):
         logits, target = self.scoring_logits(self.model, buf, rows)
@@ -192,7 +156,8 @@ class GRPO(RolloutModule):
         }
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         # this step's mean for the progress bar (if any); loggers get LogProbMetrics' window mean of the same key
-        if self._trainer is not None and self.trainer.progress_bar_callback is not None:
+        trainer = self.attached_trainer()
+        if trainer is not None and trainer.progress_bar_callback is not None:
             self.log("train/reward", rewards.mean(), prog_bar=True, logger=False, batch_size=n)
         self.maybe_log_completions(buf)
         num_tokens = int(buf["attention_mask"].sum())
@@ -203,7 +168,7 @@ class GRPO(RolloutModule):
         h = self.hparams
         mask = buf["loss_mask"][rows]
         num_items = mask.sum()
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = self.trainer.world_size if self.attached_trainer() is not None else 1
         if world > 1 and dist.is_available() and dist.is_initialized():
             num_items = num_items.clone()
             dist.all_reduce(num_items)
@@ -249,7 +214,7 @@ class GRPO(RolloutModule):
         opt.zero_grad(set_to_none=True)
         return total, acc
 
-    # -- validation (held-out statistics and tables: RolloutModule) ---------------------------------------------------
+    # -- validation (held-out statistics and tables: OnlineModule) ----------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         sampling = SamplingConfig(**{**vars(self.sampling), "num_generations": 1})
         buf = self.rollout(batch, sampling, stage="val")

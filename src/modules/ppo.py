@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +53,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from src.logprobs import completion_hidden, completion_logps, logps_from_logits, scatter_tokens, unwrap
 from src.losses import (
     adaptive_kl_update,
     gae,
@@ -65,17 +65,9 @@ from src.losses import (
     ppo_value_loss,
     rloo_advantages,
 )
-from src.modules.base import (
-    RolloutModule,
-    completion_hidden,
-    completion_logps,
-    disable_dropout,
-    logps_from_logits,
-    scatter_tokens,
-    unwrap,
-)
+from src.modules.base import disable_dropout
+from src.modules.online import OnlineModule
 from src.modules.reward import SEQUENCE_CLASSIFIER, load_reward_model, score_head, sequence_scores
-from src.rewards import RewardScorer
 from src.rollout import SamplingConfig
 
 
@@ -92,12 +84,11 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     return 1.0 - masked_var(returns - values, mask) / var.clamp(min=1e-8)
 
 
-class PPO(RolloutModule):
+class PPO(OnlineModule):
     """PPO with a critic, RLOO and REINFORCE++ (manual optimization).
 
-    Args:
-        reward_funcs / reward_weights / reward_timeout_s: rule-based rewards as in GRPO (``src/rewards.py``); None
-            for none (then ``reward_model_path`` is required).
+    Args (sampling, rewards, ``micro_batch_size``, ``max_grad_norm``: :class:`~src.modules.online.OnlineModule`;
+    ``reward_funcs: null`` needs ``reward_model_path``):
         reward_model_path: a sequence-classification directory (e.g. ``runs/rm/hf`` from ``configs/rm.yaml``) that
             shares the policy's tokenizer; scored in process, added to the reward functions' total.
         missing_eos_penalty: subtracted from the score of completions without EOS (None = off).
@@ -106,19 +97,14 @@ class PPO(RolloutModule):
         critic_model_name_or_path: initialise a separate critic from this directory (default: the reward model,
             else the policy).
         critic_optimizer: the critic's own optimizer (e.g. AdamW with another lr); None = one joint optimizer.
-        num_generations: completions per prompt (G).
-        max_new_tokens / temperature / top_p / top_k / min_p: sampling (``src.rollout.SamplingConfig``).
+        num_generations: completions per prompt (G; default 1 here).
         kl_coef: β, the initial coefficient with ``kl_target``; ``kl_estimator``: k1 (TRL) | k2 | k3.
         kl_target / kl_horizon: adaptive KL controller (Ziegler et al. 2019); ``kl_target=None`` keeps β fixed.
         gamma / lam: discount and GAE λ.
         whiten_advantages: whiten advantages over the batch's completion tokens (always on for REINFORCE++).
         ppo_epochs: passes over each rollout; ``num_mini_batches``: optimizer steps per pass.
-        micro_batch_size: completions per forward/backward (gradient accumulation inside a step); None = all.
         clip_eps / dual_clip: policy ratio clip range and the dual-clip bound c > 1 (Ye et al. 2020).
         vf_coef / vf_clip: value-loss weight and clip range of the value change (None = unclipped).
-        log_completions_every_n_steps: a table of prompts/completions/scores to W&B (and the console) every N steps.
-        max_grad_norm: global gradient-norm clipping (manual optimization: ``trainer.gradient_clip_val`` is unused).
-        **kwargs: model, optimizer and scheduler options of :class:`~src.modules.base.AlignmentModule`.
     """
 
     data_kind = "prompt"
@@ -127,9 +113,6 @@ class PPO(RolloutModule):
     def __init__(
         self,
         *args: Any,
-        reward_funcs: list[str | Callable] | str | None = "src.rewards.digit_fraction",
-        reward_weights: list[float] | None = None,
-        reward_timeout_s: float | None = None,
         reward_model_path: str | None = None,
         missing_eos_penalty: float | None = None,
         advantage_estimator: Literal["gae", "rloo", "reinforce_pp"] = "gae",
@@ -137,11 +120,6 @@ class PPO(RolloutModule):
         critic_model_name_or_path: str | None = None,
         critic_optimizer: OptimizerCallable | None = None,
         num_generations: int = 1,
-        max_new_tokens: int = 32,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
         kl_coef: float = 0.05,
         kl_estimator: Literal["k1", "k2", "k3"] = "k1",
         kl_target: float | None = None,
@@ -151,18 +129,15 @@ class PPO(RolloutModule):
         whiten_advantages: bool = True,
         ppo_epochs: int = 4,
         num_mini_batches: int = 1,
-        micro_batch_size: int | None = None,
         clip_eps: float = 0.2,
         dual_clip: float | None = None,
         vf_coef: float = 0.1,
         vf_clip: float | None = 0.2,
-        log_completions_every_n_steps: int = 0,
-        max_grad_norm: float | None = 1.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, num_generations=num_generations, **kwargs)
         self.save_hyperparameters(ignore=["critic_optimizer"])
-        if reward_funcs in (None, []) and reward_model_path is None:
+        if self.rewards is None and reward_model_path is None:
             raise ValueError("PPO needs a reward: give reward_funcs, reward_model_path, or both")
         if advantage_estimator == "rloo" and num_generations < 2:
             raise ValueError("advantage_estimator='rloo' needs num_generations >= 2 (a leave-one-out baseline)")
@@ -170,19 +145,8 @@ class PPO(RolloutModule):
             raise ValueError(f"ppo_epochs and num_mini_batches must be >= 1, got {ppo_epochs}, {num_mini_batches}")
         if kl_target is not None and (kl_target <= 0 or kl_horizon <= 0):
             raise ValueError(f"kl_target and kl_horizon must be > 0, got {kl_target}, {kl_horizon}")
-        self.automatic_optimization = False
         self.needs_reference = kl_coef > 0 or kl_target is not None
         self.critic_optimizer_factory = critic_optimizer
-        funcs = [] if reward_funcs is None else reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-        self.rewards = RewardScorer(funcs, reward_weights, reward_timeout_s) if funcs else None
-        self.sampling = SamplingConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            num_generations=num_generations,
-        )
         self.kl_coef = float(kl_coef)  # the controller's state (saved in checkpoints)
         self.critic: nn.Module | None = None
         self.value_head: nn.Linear | None = None
@@ -272,7 +236,7 @@ class PPO(RolloutModule):
     def configure_optimizers(self) -> Any:
         if self.critic_optimizer_factory is None or not self.critic_parameters():
             return super().configure_optimizers()
-        total = max(1, int(self.trainer.estimated_stepping_batches) // 2) if self._trainer else 1
+        total = max(1, int(self.trainer.estimated_stepping_batches) // 2) if self.attached_trainer() else 1
         policy_opt = self.build_optimizer(self.optimizer_factory, super().optimizer_parameters())
         critic_opt = self.build_optimizer(self.critic_optimizer_factory, self.critic_parameters())
         return [
@@ -309,16 +273,16 @@ class PPO(RolloutModule):
         temperature = self.sampling.temperature or 1.0
         values = None
         if self.value_head is not None:  # one backbone pass feeds the LM head and the value head
-            hidden, target = completion_hidden(self.model, ids, attn, cmask)
+            hidden, target = completion_hidden(self.model, ids, attn, cmask, self.accel)
             logits = unwrap(self.model).get_output_embeddings()(hidden)
             logps, entropy = logps_from_logits(logits, ids, target, temperature=temperature, with_entropy=with_entropy)
             values = scatter_tokens(self.value_head(hidden).squeeze(-1).float(), target)
         else:
             logps, entropy = completion_logps(
-                self.model, ids, attn, cmask, temperature=temperature, with_entropy=with_entropy
+                self.model, ids, attn, cmask, temperature=temperature, with_entropy=with_entropy, accel=self.accel
             )
             if self.critic is not None:
-                hidden, target = completion_hidden(self.critic, ids, attn, cmask)
+                hidden, target = completion_hidden(self.critic, ids, attn, cmask, self.accel)
                 values = scatter_tokens(score_head(self.critic)(hidden).squeeze(-1).float(), target)
         p = buf["prompt_len"]
         return logps[:, p:], None if entropy is None else entropy[:, p:], None if values is None else values[:, p:]
@@ -474,7 +438,7 @@ class PPO(RolloutModule):
         if h.kl_target is None:
             return
         world = 1
-        if self._trainer is not None:
+        if self.attached_trainer() is not None:
             kl = self.trainer.strategy.reduce(kl.detach(), reduce_op="mean")
             world = self.trainer.world_size
         self.kl_coef = adaptive_kl_update(self.kl_coef, kl, target=h.kl_target, horizon=h.kl_horizon, n_steps=n * world)

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from src.logprobs import decoder_hidden, unwrap
 from src.losses import bradley_terry_loss
-from src.modules.base import AlignmentModule, decoder_hidden, load_causal_lm, unwrap
+from src.modules.base import AlignmentModule, load_causal_lm
 
 SEQUENCE_CLASSIFIER = "AutoModelForSequenceClassification"
 
@@ -105,7 +106,8 @@ class RewardModel(AlignmentModule):
     def configure_model(self) -> None:
         super().configure_model()
         cfg = unwrap(self.model).config
-        tok = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None) if self._trainer else None
+        trainer = self.attached_trainer()
+        tok = getattr(getattr(trainer, "datamodule", None), "tokenizer", None) if trainer else None
         if cfg.pad_token_id is None and tok is not None:
             cfg.pad_token_id = tok.pad_token_id  # so HF's own pooling (RewardModelScorer) finds the last real token
 

@@ -1,0 +1,173 @@
+"""Every device-, model-family- or library-internals-specific speed path, behind one switch.
+
+The modules take ``accel: auto | off | [feature, ...]`` (``--model.init_args.accel``). ``off`` is the plain path of
+``src/logprobs.py`` and ``src/rollout.py``; ``auto`` turns on only what was measured and checked for the current
+device and model family (below); a list turns on exactly the named features (each still falls back to the plain path
+where it cannot apply: e.g. the prefix layouts need rows of the form ``[pad] prompt completion [pad]``).
+
+=====================  ===============================================  ======================================
+feature                what it does                                     where it was measured (``auto`` on)
+=====================  ===============================================  ======================================
+``prefix_sharing``     rows sharing a prompt run it once (tree / cache)  CPU, Llama (tiny + benchmark model)
+``packed_rows``        tree rows packed end to end, attention per row    CPU, Llama / Mistral / Qwen2
+``sparse_last_layer``  last layer only where states are read             CPU, Llama / Mistral / Qwen2
+``length_groups``      large batches in length-sorted groups             CPU, Llama
+``fast_decode``        lean decode loop over a preallocated KV buffer    CPU, Llama / Mistral / Qwen2
+``growing_cache``      KV cache layers append into a buffer              CPU, any transformers 5 model
+``clip_with_norm``     clipping reuses the logged gradient norm          CPU, any model
+``malloc``             glibc allocator settings during a CPU fit         CPU (glibc), any model
+=====================  ===============================================  ======================================
+
+Nothing is on by ``auto`` on CUDA or other accelerators until it has been measured there. Every feature has an
+equivalence test against the plain path (``tests/test_accel.py``: states, log-probs, gradients, tokens). Features
+that use private attributes of transformers are checked against its major version 5 (measured with 5.24); on any
+other version they are dropped with one log line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+FEATURES = (
+    "prefix_sharing",
+    "packed_rows",
+    "sparse_last_layer",
+    "length_groups",
+    "fast_decode",
+    "growing_cache",
+    "clip_with_norm",
+    "malloc",
+)
+LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
+# what ``auto`` turns on, per device type: family-independent features, and those measured on the Llama family
+_AUTO_ANY_MODEL = {"cpu": ("growing_cache", "clip_with_norm", "malloc")}
+_AUTO_LLAMA_FAMILY = {"cpu": FEATURES}
+# features that read or subclass private transformers internals, and the major versions they were checked against
+_PRIVATE_TRANSFORMERS = frozenset(
+    {"prefix_sharing", "packed_rows", "sparse_last_layer", "fast_decode", "growing_cache"}
+)
+CHECKED_TRANSFORMERS_MAJOR = (5,)
+
+AccelSpec = str | list[str] | tuple[str, ...] | None
+
+
+def parse(spec: AccelSpec) -> str | frozenset[str]:
+    """``"auto"``, ``"off"`` or the named features; a clear error for anything else."""
+    if spec is None or spec is False or spec == "off":
+        return "off"
+    if spec == "auto":
+        return "auto"
+    names = [spec] if isinstance(spec, str) else list(spec)
+    unknown = [n for n in names if n not in FEATURES]
+    if unknown:
+        raise ValueError(f"accel: unknown feature(s) {unknown}; choose 'auto', 'off' or a list of {list(FEATURES)}")
+    return frozenset(names)
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+class Accel:
+    """The features in effect for one model on one device; hands out the speed paths (``None`` = use the plain
+    path). Build it with :meth:`resolve`."""
+
+    def __init__(self, features: Iterable[str] = ()) -> None:
+        self.features = frozenset(features)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.features
+
+    def __repr__(self) -> str:
+        return f"Accel({sorted(self.features)})"
+
+    @classmethod
+    def resolve(cls, spec: AccelSpec, model: nn.Module | None, device: torch.device | str) -> Accel:
+        parsed = parse(spec)
+        if parsed == "off":
+            return cls()
+        device = torch.device(device)
+        family = getattr(getattr(model, "config", None), "model_type", None)
+        if parsed == "auto":
+            chosen = set(_AUTO_ANY_MODEL.get(device.type, ()))
+            if family in LLAMA_FAMILY:
+                chosen |= set(_AUTO_LLAMA_FAMILY.get(device.type, ()))
+        else:
+            chosen = set(parsed)
+        if chosen & _PRIVATE_TRANSFORMERS and _transformers_major() not in CHECKED_TRANSFORMERS_MAJOR:
+            dropped = sorted(chosen & _PRIVATE_TRANSFORMERS)
+            log.warning(
+                "accel: transformers %s is not a checked version (major %s): plain path for %s",
+                _transformers_major(),
+                CHECKED_TRANSFORMERS_MAJOR,
+                dropped,
+            )
+            chosen -= _PRIVATE_TRANSFORMERS
+        return cls(chosen)
+
+    # -- scoring (src/logprobs.py) --------------------------------------------------------------------------------
+    def completion_hidden(
+        self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+    ) -> Tensor | None:
+        """The ``[N, H]`` completion-position states of :func:`src.logprobs.completion_hidden` by a faster layout,
+        or ``None`` where none applies."""
+        from src.accel import prefix
+
+        if "prefix_sharing" in self:
+            states = prefix.shared_prompt_hidden(
+                model,
+                input_ids,
+                attention_mask,
+                completion_mask,
+                packed="packed_rows" in self,
+                sparse="sparse_last_layer" in self,
+                grouped="length_groups" in self,
+            )
+            if states is not None:
+                return states
+        if "length_groups" in self:
+            return prefix.grouped_hidden(model, input_ids, attention_mask, completion_mask)
+        return None
+
+    # -- sampling (src/rollout.py) --------------------------------------------------------------------------------
+    def decoder(self, model: nn.Module, cache: Any, attn_mask: Tensor, positions: Tensor, repeats: int) -> Any:
+        """A :class:`src.accel.decode.FastDecoder` over the prefill ``cache``, or ``None``."""
+        if "fast_decode" not in self:
+            return None
+        from src.accel.decode import FastDecoder
+
+        return FastDecoder.build(model, cache, attn_mask, positions, repeats)
+
+    def preallocate(self, cache: Any, capacity: int) -> bool:
+        """Move the cache's filled layers into ``capacity``-long buffers (``growing_cache``)."""
+        if "growing_cache" not in self:
+            return False
+        from src.accel.decode import preallocate_cache
+
+        return preallocate_cache(cache, capacity)
+
+    # -- the training loop (src/modules/base.py) ------------------------------------------------------------------
+    def clip(self, trainer: Any, optimizer: torch.optim.Optimizer, max_norm: float, norm: Tensor | None) -> bool:
+        """Clip with the already computed ``norm`` (``clip_with_norm``); ``False``: clip the plain way."""
+        if "clip_with_norm" not in self:
+            return False
+        from src.accel.runtime import clip_with_norm
+
+        return clip_with_norm(trainer, optimizer, max_norm, norm)
+
+    def on_fit_start(self) -> None:
+        """Process-wide settings of a fit (``malloc``)."""
+        if "malloc" in self:
+            from src.accel.runtime import tune_malloc
+
+            if tune_malloc():
+                log.info("accel: glibc malloc thresholds set for CPU training (opt out: ALIGN_MALLOC=default)")

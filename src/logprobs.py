@@ -1,0 +1,111 @@
+"""The plain log-prob path: one Hugging Face forward, the completion positions, a chunked log-softmax.
+
+Every algorithm scores sequences the same way::
+
+    hidden = model.get_decoder()(input_ids, attention_mask, position_ids)   # [B, T, H], one forward
+    states = hidden[:, :-1][completion_mask[:, 1:]]                         # [N, H]: positions predicting a completion
+    logits = lm_head(states)                                                 # [N, V]: prompt and padding never reach it
+    logps  = logit[label] - logsumexp(logits / T)                            # src.losses.token_logps (chunked)
+
+then puts the ``N`` per-token values back at their ``[B, T]`` places (0 elsewhere). Only the ``N`` completion positions
+go through the LM head (the ``logits_to_keep`` idea), so the ``[B, T, V]`` logits of a full forward never exist.
+
+``accel`` (an :class:`src.accel.Accel`, or ``None``) may replace the one forward by a faster layout that returns the
+same ``[N, H]`` states (prefix sharing, packed rows, length groups; see ``src/accel/``). With ``accel: off`` or on any
+model or device where those are not verified, this file is the whole computation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from src.losses import token_logps_and_entropy
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that follow the attention mask, so left- and right-padded rows score the same."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def decoder_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Last-layer hidden states ``[B, T, H]`` of a Hugging Face decoder (causal LM or sequence classifier; the
+    backbone only, no head), with mask-aware ``position_ids``."""
+    decoder = unwrap(model).get_decoder()
+    out = decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def completion_hidden(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, accel: Any = None
+) -> tuple[Tensor, Tensor]:
+    """Hidden states ``[N, H]`` of the N positions that predict a completion token, and that ``[B, T-1]`` selector
+    (a value head reads the same states as the LM head). ``accel`` may compute the same states faster."""
+    target = completion_mask[:, 1:].bool()
+    if accel is not None:
+        states = accel.completion_hidden(model, input_ids, attention_mask, completion_mask)
+        if states is not None:
+            return states, target
+    return decoder_hidden(model, input_ids, attention_mask)[:, :-1][target], target
+
+
+def completion_logits(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, accel: Any = None
+) -> tuple[Tensor, Tensor]:
+    """Logits ``[N, V]`` of only the N positions that predict a completion token, and that ``[B, T-1]`` selector.
+
+    Models whose head does more than a linear layer (logit soft-capping or scaling) run their own full forward."""
+    inner = unwrap(model)
+    cfg = getattr(inner, "config", None)
+    plain_head = not (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
+    if plain_head and hasattr(inner, "get_decoder") and inner.get_output_embeddings() is not None:
+        hidden, target = completion_hidden(model, input_ids, attention_mask, completion_mask, accel)
+        return inner.get_output_embeddings()(hidden), target
+    target = completion_mask[:, 1:].bool()
+    position_ids = position_ids_from_mask(attention_mask)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.logits[:, :-1][target], target
+
+
+def scatter_tokens(values: Tensor, target: Tensor) -> Tensor:
+    """Put per-completion-token ``values [N]`` back at their ``[B, T]`` positions (0 elsewhere)."""
+    return F.pad(torch.zeros_like(target, dtype=values.dtype).masked_scatter(target, values), (1, 0))
+
+
+def logps_from_logits(
+    logits: Tensor, input_ids: Tensor, target: Tensor, *, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """``[B, T]`` log-probs (and entropies, no gradient) of the completion tokens from the ``[N, V]`` logits and the
+    ``[B, T-1]`` selector of :func:`completion_logits`; logits are divided by the sampling ``temperature``."""
+    labels = input_ids[:, 1:][target]
+    logps, entropy = token_logps_and_entropy(logits, labels, temperature=temperature, with_entropy=with_entropy)
+    return scatter_tokens(logps, target), None if entropy is None else scatter_tokens(entropy, target)
+
+
+def completion_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    accel: Any = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs ``[B, T]`` of the completion tokens (0 elsewhere), aligned with ``input_ids``, and with
+    ``with_entropy`` the per-token entropy of ``softmax(logits / temperature)`` (no gradient)."""
+    logits, target = completion_logits(model, input_ids, attention_mask, completion_mask, accel)
+    return logps_from_logits(logits, input_ids, target, temperature=temperature, with_entropy=with_entropy)

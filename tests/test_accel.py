@@ -1,0 +1,401 @@
+"""Every speed path of ``src/accel/`` against the plain path of ``src/logprobs.py`` / ``src/rollout.py``: the same
+states, log-probs and gradients (float64 on the tiny Llama and small GQA Llama / Qwen2 models), the ``accel``
+switch's resolution, and whole DPO/GRPO runs with ``accel: off`` vs ``auto``. (The decode-loop features are checked
+token for token in ``tests/test_rollout.py``.)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from src.accel import FEATURES, Accel, packed, prefix
+from src.logprobs import completion_hidden, completion_logps, decoder_hidden
+from src.modules.base import load_causal_lm
+from tests.conftest import FAST, ROOT, read_metrics
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return load_causal_lm("tiny").double()  # float64: rounding differences (~1e-7) stay far below the tolerances
+
+
+def _batch(prompts, completions, *, left_pad_prompts: bool):
+    """``[pad] prompt completion [pad]`` rows (prompts left-aligned on a common column if ``left_pad_prompts``)."""
+    P = max(len(p) for p in prompts)
+    C = max(len(c) for c in completions)
+    ids = torch.zeros(len(prompts), P + C, dtype=torch.long)
+    attn, comp = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        s = P - len(p) if left_pad_prompts else 0
+        ids[i, s : s + len(p) + len(c)] = torch.tensor(p + c)
+        attn[i, s : s + len(p) + len(c)] = 1
+        comp[i, s + len(p) : s + len(p) + len(c)] = 1
+    return ids, attn, comp
+
+
+def _random_tokens(g, n):
+    return torch.randint(3, 2048, (n,), generator=g).tolist()
+
+
+def _layouts():
+    g = torch.Generator().manual_seed(0)
+    lengths = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    prompts8 = [_random_tokens(g, lengths(20, 40)) for _ in range(8)]
+    dpo = ([*prompts8, *prompts8], [_random_tokens(g, lengths(10, 40)) for _ in range(16)])
+    prompts4 = [_random_tokens(g, lengths(10, 30)) for _ in range(4)]
+    grpo = ([p for p in prompts4 for _ in range(4)], [_random_tokens(g, lengths(1, 20)) for _ in range(16)])
+    unique = tuple([_random_tokens(g, lengths(5, 40)) for _ in range(16)] for _ in range(2))
+    return {
+        "dpo_16_rows_shared": (*dpo, False, True),
+        "dpo_4_rows_shared": ([*prompts8[:2], *prompts8[:2]], dpo[1][:4], False, True),
+        "grpo_left_padded_shared": (*grpo, True, True),
+        "unique_prompts_grouped": (*unique, False, False),
+    }
+
+
+@pytest.fixture(params=["tree", "cache"])
+def shared_layout(request, monkeypatch):
+    """Force one of the two shared-prompt layouts (the default picks by attention cost)."""
+    monkeypatch.setattr(prefix, "_TREE_MAX_ATTENTION", float("inf") if request.param == "tree" else 0.0)
+    used = []
+    for name in ("tree_hidden", "cached_hidden"):
+        fn = getattr(prefix, name)
+        monkeypatch.setattr(prefix, name, lambda *a, _fn=fn, _name=name, **k: used.append(_name) or _fn(*a, **k))
+    return request.param, used
+
+
+def _assert_same_grads(fast: torch.Tensor, plain: torch.Tensor, params: list[torch.Tensor]) -> None:
+    g_plain = torch.autograd.grad(plain.square().mean(), params, retain_graph=True)
+    g_fast = torch.autograd.grad(fast.square().mean(), params, retain_graph=True)
+    for a, b in zip(g_fast, g_plain):
+        assert ((a - b).norm() / b.norm().clamp(min=1e-30)).item() < 1e-5
+
+
+@pytest.mark.parametrize("layout", list(_layouts()))
+def test_completion_hidden_matches_one_plain_forward(model, layout, shared_layout, features=FEATURES):
+    """Prefix sharing (tree or cache layout) and length groups: the same states, log-probs and gradients as the
+    plain path's one forward."""
+    accel = Accel(features)
+    prompts, completions, left_pad, shares = _layouts()[layout]
+    ids, attn, comp = _batch(prompts, completions, left_pad_prompts=left_pad)
+    assert (prefix.shared_prompt_hidden(model, ids, attn, comp) is not None) == shares
+    assert used_layout(shared_layout) == (shared_layout[0] if shares else None)
+    if layout == "unique_prompts_grouped":
+        assert prefix.length_groups(attn, comp) is not None
+    params = list(model.model.parameters())
+    plain, target = completion_hidden(model, ids, attn, comp)
+    fast, fast_target = completion_hidden(model, ids, attn, comp, accel)
+    assert used_layout(shared_layout) == (shared_layout[0] if shares else None)
+    assert torch.equal(fast_target, target)
+    assert fast.shape == plain.shape
+    torch.testing.assert_close(fast, plain, rtol=1e-9, atol=1e-9)
+    _assert_same_grads(fast, plain, params)
+    lp_plain = completion_logps(model, ids, attn, comp, temperature=0.7)[0]
+    lp_fast = completion_logps(model, ids, attn, comp, temperature=0.7, accel=accel)[0]
+    torch.testing.assert_close(lp_fast, lp_plain, rtol=1e-9, atol=1e-9)
+    _assert_same_grads(lp_fast, lp_plain, params)
+
+
+def used_layout(shared_layout) -> str | None:
+    used = shared_layout[1]
+    name = {"tree_hidden": "tree", "cached_hidden": "cache"}.get(used[-1]) if used else None
+    used.clear()
+    return name
+
+
+def test_tree_layout_with_eager_attention_uses_an_additive_mask(monkeypatch):
+    monkeypatch.setattr(prefix, "_TREE_MAX_ATTENTION", float("inf"))
+    used = []
+    real = prefix.tree_hidden
+    monkeypatch.setattr(prefix, "tree_hidden", lambda *a, **k: used.append("tree") or real(*a, **k))
+    torch.manual_seed(0)
+    eager = load_causal_lm("tiny", attn_implementation="eager").double()
+    assert not packed.bool_mask_ok(eager)
+    prompts, completions, left_pad, _ = _layouts()["dpo_4_rows_shared"]
+    ids, attn, comp = _batch(prompts, completions, left_pad_prompts=left_pad)
+    plain = decoder_hidden(eager, ids, attn)[:, :-1][comp[:, 1:].bool()]
+    # eager attention takes its softmax in float32, so the packed rows agree to float32 rounding, not float64
+    shared = prefix.shared_prompt_hidden(eager, ids, attn, comp, packed=True, sparse=True)
+    torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-5)
+    assert used == ["tree"]
+
+
+def test_layout_rule_prefers_the_tree_while_its_attention_is_cheap():
+    # benchmark-like DPO: 8 prompts of 50 tokens, each with two completions of 50: tree 8*150^2 vs cache 1.3x less
+    pairs = {tuple(range(i, i + 50)): [i, i + 8] for i in range(8)}
+    assert prefix.shared_prompt_layout(pairs, [[3] * 50] * 16) == "tree"
+    # GRPO with 16 long generations of one short prompt: the packed row's square is far larger than the cache's
+    assert prefix.shared_prompt_layout({tuple(range(20)): list(range(16))}, [[3] * 200] * 16) == "cache"
+    # a mask over the element budget is never built
+    assert prefix.shared_prompt_layout({(1,): [0, 1]}, [[3] * 3000] * 2) == "cache"
+
+
+def test_no_sharing_with_activation_checkpointing_or_irregular_rows(model):
+    g = torch.Generator().manual_seed(1)
+    p = _random_tokens(g, 10)
+    ids, attn, comp = _batch([p, p], [_random_tokens(g, 5), _random_tokens(g, 7)], left_pad_prompts=False)
+    assert prefix.shared_prompt_hidden(model, ids, attn, comp) is not None
+    holey = comp.clone()
+    holey[0, 12] = 0  # a completion with a hole: not [prompt][completion]
+    assert prefix.shared_prompt_hidden(model, ids, attn, holey) is None
+    empty = comp.clone()
+    empty[1] = 0  # a row without completion tokens
+    assert prefix.shared_prompt_hidden(model, ids, attn, empty) is None
+    checkpointed = load_causal_lm("tiny")
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert prefix.shared_prompt_hidden(checkpointed, ids, attn, comp) is None
+
+
+def test_packed_rows_run_the_last_layer_only_where_states_are_read(model, monkeypatch):
+    """The tree layout's last layer computes queries, attention output and MLP only at the positions whose states
+    are read (keys/values everywhere): same states as the full packed forward."""
+    monkeypatch.setattr(prefix, "_TREE_MAX_ATTENTION", float("inf"))
+    assert packed.reads_last_layer_sparsely(model)
+    prompts, completions, left_pad, _ = _layouts()["dpo_16_rows_shared"]
+    ids, attn, comp = _batch(prompts, completions, left_pad_prompts=left_pad)
+    sparse = prefix.shared_prompt_hidden(model, ids, attn, comp, packed=True, sparse=True)
+    full = prefix.shared_prompt_hidden(model, ids, attn, comp, packed=True, sparse=False)
+    torch.testing.assert_close(sparse, full, rtol=1e-9, atol=1e-9)
+    _assert_same_grads(sparse, full, list(model.model.parameters()))
+    eager = load_causal_lm("tiny", attn_implementation="eager")
+    assert not packed.reads_last_layer_sparsely(eager)
+
+
+def test_sharded_models_keep_the_models_own_forward():
+    """FSDP-wrapped layers or sharded (ZeRO-3) parameters must run through their root module's forward: the sparse
+    last layer, which calls the layers itself, is off for them."""
+    m = load_causal_lm("tiny")
+    assert packed.reads_last_layer_sparsely(m)
+    layer = m.model.layers[0]
+    layer.__class__ = type("FSDPLlamaDecoderLayer", (type(layer),), {})
+    assert not packed.reads_last_layer_sparsely(m)
+    m = load_causal_lm("tiny")
+    m.model.norm.weight.ds_id = 7  # how DeepSpeed ZeRO-3 marks its partitioned parameters
+    assert not packed.reads_last_layer_sparsely(m)
+
+
+def _gqa_model(kind: str):
+    """Small GQA models of the other supported families: Llama with biases, Qwen2 (q/k/v biases), float64."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from tests.conftest import SMALL_LLAMA
+
+    torch.manual_seed(0)
+    cfg = dict(SMALL_LLAMA, vocab_size=2048, attn_implementation="sdpa")
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**cfg)).double()
+    return LlamaForCausalLM(LlamaConfig(**cfg, attention_bias=True, mlp_bias=True)).double()
+
+
+@pytest.mark.parametrize("kind", ["tiny", "llama_gqa_bias", "qwen2"])
+def test_tree_rows_run_packed_without_padding(model, monkeypatch, kind):
+    """Under SDPA on CPU the tree rows run packed end to end: the linear layers see only real tokens ([1, N]),
+    attention runs per row, and the states and gradients equal those of one plain forward and of the padded rows with a
+    4D mask (the fallback elsewhere), with and without the sparse last layer."""
+    monkeypatch.setattr(prefix, "_TREE_MAX_ATTENTION", float("inf"))
+    model = model if kind == "tiny" else _gqa_model(kind.split("_")[0])
+    prompts, completions, left_pad, _ = _layouts()["dpo_16_rows_shared"]
+    ids, attn, comp = _batch(prompts, completions, left_pad_prompts=left_pad)
+    shapes = []
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: shapes.append(i[0].shape))
+    rows = prefix.shared_prompt_hidden(model, ids, attn, comp, packed=True, sparse=True)
+    hook.remove()
+    real = sum(len(p) for p in prompts[:8]) + sum(len(c) for c in completions)  # 8 prompts, each once
+    assert shapes == [(1, real, model.config.hidden_size)]
+    assert model.config._attn_implementation == "sdpa"  # switched back after the forward
+    plain = decoder_hidden(model, ids, attn)[:, :-1][comp[:, 1:].bool()]
+    torch.testing.assert_close(rows, plain, rtol=1e-9, atol=1e-9)
+    _assert_same_grads(rows, plain, list(model.model.parameters()))
+    no_sparse = prefix.shared_prompt_hidden(model, ids, attn, comp, packed=True, sparse=False)
+    torch.testing.assert_close(no_sparse, plain, rtol=1e-9, atol=1e-9)
+    padded = prefix.shared_prompt_hidden(model, ids, attn, comp, packed=False)
+    torch.testing.assert_close(rows, padded, rtol=1e-9, atol=1e-9)
+
+
+def test_packed_rows_refuse_a_model_that_ignores_the_attention_interface(model, monkeypatch):
+    """If a model's attention does not dispatch through transformers' AttentionInterface, the packed rows would attend
+    across rows: this is detected and raised, never silently computed."""
+    import contextlib
+
+    monkeypatch.setattr(prefix, "_TREE_MAX_ATTENTION", float("inf"))
+    monkeypatch.setattr(packed, "attention_implementation", lambda *a: contextlib.nullcontext())
+    prompts, completions, left_pad, _ = _layouts()["dpo_4_rows_shared"]
+    ids, attn, comp = _batch(prompts, completions, left_pad_prompts=left_pad)
+    with pytest.raises(RuntimeError, match="AttentionInterface"):
+        prefix.shared_prompt_hidden(model, ids, attn, comp, packed=True)
+
+
+# --------------------------------------------------------------------------------------------- the switch itself
+def test_auto_turns_on_only_what_was_measured_for_the_device_and_family():
+    llama = load_causal_lm("tiny")
+    assert Accel.resolve("auto", llama, "cpu").features == frozenset(FEATURES)
+    assert Accel.resolve("off", llama, "cpu").features == frozenset()
+    assert Accel.resolve(None, llama, "cpu").features == frozenset()
+    assert Accel.resolve("auto", llama, "cuda").features == frozenset()  # nothing measured on a GPU yet
+    assert Accel.resolve("auto", llama, "meta").features == frozenset()
+
+    class OtherFamily(torch.nn.Module):
+        config = type("Config", (), {"model_type": "gemma2"})()
+
+    assert Accel.resolve("auto", OtherFamily(), "cpu").features == {"growing_cache", "clip_with_norm", "malloc"}
+    # a list is taken as given (each path still checks that it applies)
+    assert Accel.resolve(["packed_rows", "prefix_sharing"], llama, "cuda").features == {"packed_rows", "prefix_sharing"}
+    with pytest.raises(ValueError, match="unknown feature.*'packd_rows'"):
+        Accel.resolve(["packd_rows"], llama, "cpu")
+
+
+def test_an_unchecked_transformers_version_falls_back_to_the_plain_path(monkeypatch, caplog):
+    import src.accel as accel
+
+    monkeypatch.setattr(accel, "_transformers_major", lambda: 6)
+    with caplog.at_level(logging.WARNING, logger="src.accel"):
+        chosen = Accel.resolve("auto", load_causal_lm("tiny"), "cpu")
+    assert chosen.features == {"clip_with_norm", "length_groups", "malloc"}  # the ones that read no internals
+    assert len(caplog.records) == 1 and "not a checked version" in caplog.records[0].getMessage()
+
+
+def test_an_unknown_feature_fails_when_the_module_is_built():
+    from src.modules.dpo import DPO
+
+    with pytest.raises(ValueError, match="accel: unknown feature"):
+        DPO(accel=["fast"])
+
+
+def test_tune_malloc_sets_glibc_thresholds_unless_the_user_chose(monkeypatch):
+    """``malloc`` keeps glibc from unmapping large buffers between steps (mallopt), unless the user opted out or set
+    the MALLOC_*_ variables; it is a no-op where the C library has no mallopt."""
+    import ctypes
+    import platform
+
+    from src.accel import runtime
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    for k in ("ALIGN_MALLOC", *runtime._MALLOC_ENV):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    assert runtime.tune_malloc() is True
+    assert calls == [(-3, 64 << 20), (-1, 256 << 20), (-2, 64 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
+    calls.clear()
+    monkeypatch.setenv("ALIGN_MALLOC", "default")
+    assert runtime.tune_malloc() is False and calls == []
+    monkeypatch.delenv("ALIGN_MALLOC")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    assert runtime.tune_malloc() is False and calls == []
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+
+    class NoMallopt:
+        pass
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: NoMallopt())
+    assert runtime.tune_malloc() is False
+    monkeypatch.undo()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        for k in ("ALIGN_MALLOC", *runtime._MALLOC_ENV):
+            monkeypatch.delenv(k, raising=False)
+        assert runtime.tune_malloc() is True  # the real glibc accepts the values
+
+
+def test_malloc_applies_when_a_cpu_fit_starts_not_at_import(monkeypatch, run_cli):
+    from src.accel import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "tune_malloc", lambda: calls.append(1) or True)
+    import src.cli  # noqa: F401  (importing the CLI changes nothing)
+
+    assert calls == []
+    run_cli(["fit", "--config", "dpo.yaml", *FAST, "--model.init_args.accel=off"])
+    assert calls == []
+    run_cli(["fit", "--config", "dpo.yaml", *FAST, "--model.init_args.accel=[malloc]"])
+    assert calls == [1]
+
+
+# ------------------------------------------------------------------------------------------------ whole runs
+def _train_losses(cli) -> list[float]:
+    rows = read_metrics(cli.trainer.logger.log_dir)
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def test_clipping_with_the_logged_norm_equals_lightnings_clipping(run_cli, monkeypatch):
+    """``clip_with_norm`` reuses the norm computed for ``train/grad_norm`` (one pass over the gradients): with a clip
+    that binds at every step, the trained weights equal those of Lightning's own ``clip_grad_norm_``."""
+    from src.accel import runtime
+
+    args = ["fit", "--config", "dpo.yaml", *FAST, "--trainer.gradient_clip_val=1e-2", "--trainer.limit_val_batches=0"]
+    used, norms = [], []
+    real = runtime.clip_with_norm
+
+    def spy(trainer, optimizer, max_norm, norm):
+        norms.append(float(norm))
+        used.append(real(trainer, optimizer, max_norm, norm))
+        return used[-1]
+
+    monkeypatch.setattr(runtime, "clip_with_norm", spy)
+    cli = run_cli([*args, "--model.init_args.accel=[clip_with_norm]"])
+    reused, initial = cli.model.model.state_dict(), cli.model.ref_model.state_dict()  # the reference: initial weights
+    assert used == [True] * 3 and min(norms) > 1e-2  # the clip binds at every step
+    lightning = run_cli([*args, "--model.init_args.accel=off"]).model.model.state_dict()
+    assert len(used) == 3  # the plain run clipped through Lightning
+    for k, v in reused.items():
+        torch.testing.assert_close(v, lightning[k], rtol=1e-5, atol=1e-7, msg=k)
+    assert any(not torch.equal(v, initial[k]) for k, v in reused.items())  # training moved the weights
+
+
+@pytest.mark.slow
+def test_dpo_losses_are_the_same_with_accel_off_and_auto(run_cli):
+    """The embedded DPO default: per-step losses of the plain path and of every CPU speed path within 1e-5."""
+    args = ["fit", "--config", "dpo.yaml", *FAST, "--trainer.max_steps=12", "--trainer.limit_val_batches=0"]
+    off = _train_losses(run_cli([*args, "--model.init_args.accel=off"]))
+    auto_cli = run_cli([*args, "--model.init_args.accel=auto"])
+    assert auto_cli.model.accel.features == frozenset(FEATURES)
+    auto = _train_losses(auto_cli)
+    assert len(off) == len(auto) == 12
+    assert off[0] == pytest.approx(0.693147, abs=1e-6) and min(off[-3:]) < off[0]
+    assert max(abs(a - b) for a, b in zip(off, auto)) < 1e-5
+
+
+@pytest.mark.slow
+def test_grpo_rewards_rise_the_same_with_accel_off_and_auto(run_cli):
+    """The embedded GRPO default (sampling, scoring and update): the same first-step rewards (same weights and noise:
+    the same samples), and the same rise. Later steps sample from weights that differ by float rounding, so a sample
+    near a boundary may flip: the curves agree in trend, not bit for bit."""
+    args = ["fit", "--config", "grpo.yaml", *FAST, "--trainer.max_steps=16", "--trainer.limit_val_batches=0"]
+    runs = {}
+    for accel in ("off", "auto"):
+        cli = run_cli([*args, f"--model.init_args.accel={accel}"])
+        rows = read_metrics(cli.trainer.logger.log_dir)
+        runs[accel] = [float(r["train/reward"]) for r in rows if r.get("train/reward")]
+    off, auto = runs["off"], runs["auto"]
+    assert len(off) == len(auto) == 16
+    assert off[0] == pytest.approx(auto[0], abs=1e-6)
+    rise = {k: sum(v[-4:]) / 4 - sum(v[:4]) / 4 for k, v in runs.items()}
+    assert rise["off"] > 0 and rise["auto"] > 0, runs  # both learn
+    assert abs(rise["off"] - rise["auto"]) < 0.5 * rise["off"], runs
+
+
+BENCH = (ROOT / ".." / "shared" / "bench" / "artifacts").resolve()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (BENCH / "dpo_pairs.jsonl").exists(), reason=f"no benchmark workload at {BENCH}")
+def test_benchmark_dpo_losses_are_the_same_with_accel_off_and_auto(run_cli):
+    """The shared benchmark workload (30 steps x 8 pairs): per-step losses of ``accel: off`` and ``auto`` within
+    1e-5."""
+    args = [
+        "fit", "--config", "bench/dpo.yaml", f"--model.init_args.model_name_or_path={BENCH / 'model'}",
+        f"--data.path={BENCH / 'dpo_pairs.jsonl'}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir=runs", "--trainer.log_every_n_steps=1",
+    ]  # fmt: skip
+    off = _train_losses(run_cli([*args, "--model.init_args.accel=off"]))
+    auto = _train_losses(run_cli([*args, "--model.init_args.accel=auto"]))
+    assert len(off) == len(auto) == 30
+    assert max(abs(a - b) for a, b in zip(off, auto)) < 1e-5
