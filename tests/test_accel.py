@@ -76,10 +76,10 @@ def _assert_same_grads(fast: torch.Tensor, plain: torch.Tensor, params: list[tor
 
 
 @pytest.mark.parametrize("layout", list(_layouts()))
-def test_completion_hidden_matches_one_plain_forward(model, layout, shared_layout, features=FEATURES):
+def test_completion_hidden_matches_one_plain_forward(model, layout, shared_layout):
     """Prefix sharing (tree or cache layout) and length groups: the same states, log-probs and gradients as the
     plain path's one forward."""
-    accel = Accel(features)
+    accel = Accel(FEATURES)
     prompts, completions, left_pad, shares = _layouts()[layout]
     ids, attn, comp = _batch(prompts, completions, left_pad_prompts=left_pad)
     assert (prefix.shared_prompt_hidden(model, ids, attn, comp) is not None) == shares
