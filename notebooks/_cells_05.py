@@ -21,7 +21,7 @@ configs/<algo>.yaml          one YAML per recipe (dpo, grpo, sft): model class +
        │     grpo.py           GRPO (prompts; samples with src/rollout.py, scores with src/rewards.py)
        │     sft.py            SFT  (prompt + completion)
        │        └─> src/losses.py   pure tensor functions: dpo_loss, grpo_loss, group_advantages, kl_estimate, ...
-       └─> src/callbacks/    LogProbMetrics (per-sample metrics -> train/*, val/*), Throughput (tokens/s), FitSummary
+       └─> src/callbacks/    LogProbMetrics (per-sample metrics -> train/*, val/*), TokenThroughput, FitSummary
 ```
 
 Every `training_step` returns per-sample metrics computed from its own forward pass; `LogProbMetrics` averages and
@@ -69,7 +69,7 @@ CLI adds under their own config keys (`logprob_metrics:`, `throughput:`, `fit_su
 from lightning import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from src.callbacks import FitSummary, LogProbMetrics, Throughput
+from src.callbacks import FitSummary, LogProbMetrics, TokenThroughput
 from src.cli import AlignCLI, main
 from src.data import AlignmentDataModule
 from src.modules.base import AlignmentModule
@@ -80,7 +80,7 @@ from src.modules.sft import SFT
 assert issubclass(AlignCLI, LightningCLI)
 assert issubclass(AlignmentDataModule, LightningDataModule)
 assert issubclass(AlignmentModule, LightningModule)
-for cls in (LogProbMetrics, Throughput, FitSummary):
+for cls in (LogProbMetrics, TokenThroughput, FitSummary):
     assert issubclass(cls, Callback)
 
 kinds = {}
@@ -136,7 +136,8 @@ assert dpo_cli.datamodule.kind == "preference"
 The CSV logger writes one row per logged step (`step` counts from 0, so row 0 is the first optimizer step) and
 separate rows for validation; a metric's column is empty in the rows where it was not logged, hence `dropna`.
 `train/loss` is logged by `DPO.training_step`; `train/rewards/*` and `train/logps/*` are the per-pair metrics the
-step returned, averaged by `LogProbMetrics`; `train/tokens_per_s` comes from `Throughput`.
+step returned, averaged by `LogProbMetrics`; `train/tokens_per_s` comes from `TokenThroughput` (a Lightning
+`ThroughputMonitor`).
 """),
     ("code", r"""
 dpo = pd.read_csv(dpo_dir / "metrics.csv")

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar  # noqa: E4
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 
-from src.callbacks import FitSummary, HFExport, LogProbMetrics, Throughput  # noqa: E402
+from src.callbacks import FitSummary, HFExport, LogProbMetrics, TokenThroughput  # noqa: E402
 from src.callbacks.checkpoint_io import check_checkpoint  # noqa: E402
 from src.data import AlignmentDataModule  # noqa: E402
 from src.modules.base import AlignmentModule  # noqa: E402
@@ -77,7 +77,7 @@ class AlignCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer_name_or_path")
         parser.add_lightning_class_args(LogProbMetrics, "logprob_metrics")
-        parser.add_lightning_class_args(Throughput, "throughput")
+        parser.add_lightning_class_args(TokenThroughput, "throughput")
         parser.add_lightning_class_args(FitSummary, "fit_summary")
         parser.add_lightning_class_args(HFExport, "hf_export")  # --hf_export.dirpath DIR: save_pretrained at fit end
 
@@ -94,23 +94,23 @@ class AlignCLI(LightningCLI):
                 kwargs["callbacks"] = [*callbacks, TQDMProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
-    def _parse_ckpt_path(self) -> None:
-        """Validate ``--ckpt_path`` (one clear error for a missing, corrupt or foreign file) before Lightning reads the
-        module's hyper-parameters from it."""
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then validate ``--ckpt_path`` (one clear error for a missing, corrupt or foreign file) before
+        Lightning reads the module's hyper-parameters from it."""
+        super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt not in (None, "last", "best", "hpc", "registry"):
             check_checkpoint(ckpt)
-        super()._parse_ckpt_path()
 
     def after_fit(self) -> None:
         """Close W&B runs so offline runs are complete on disk (summary, config, files) when ``fit`` returns."""
-        for logger in self.trainer.loggers:
-            if isinstance(logger, WandbLogger) and logger._experiment is not None:
-                import wandb
+        if any(isinstance(logger, WandbLogger) for logger in self.trainer.loggers):
+            import wandb
 
-                logger.experiment.finish()
-                wandb.teardown()  # forget this run's settings (directory...) so a next in-process run starts clean
+            if wandb.run is not None:
+                wandb.run.finish()
+            wandb.teardown()  # forget this run's settings (directory...) so a next in-process run starts clean
 
 
 def main(args: list[str] | None = None, run: bool = True) -> AlignCLI | Path:

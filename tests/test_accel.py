@@ -13,7 +13,7 @@ import torch
 
 from src.accel import FEATURES, Accel, packed, prefix
 from src.logprobs import completion_hidden, completion_logps, decoder_hidden
-from src.modules.base import load_causal_lm
+from src.models import load_causal_lm
 from tests.conftest import FAST, ROOT, read_metrics
 
 

@@ -12,7 +12,7 @@ import torch
 from lightning import Callback
 
 from src.callbacks import FitSummary
-from src.callbacks.logprob import MeanAccumulator
+from src.callbacks.logprob import MetricWindow
 from tests.conftest import CONFIGS, FAST, column, read_metrics
 
 KEYS = ("rewards/accuracies", "rewards/margins")
@@ -118,12 +118,60 @@ def test_fit_summary_uses_every_step_from_the_outputs(dpo_run):
     assert len(history["train/loss"]) == STEPS and history["train/loss"][0] == pytest.approx(math.log(2), abs=1e-6)
 
 
-def test_mean_accumulator_pools_finite_values():
-    acc = MeanAccumulator()
+def test_metric_window_pools_finite_values():
+    acc = MetricWindow()
     acc.update({"a": torch.tensor([1.0, float("nan"), 3.0]), "b": torch.tensor([float("nan")] * 3)})
     acc.update({"a": torch.tensor([5.0, float("inf")]), "c": torch.tensor(2.0, dtype=torch.float64)})
     acc.update({"c": torch.tensor([4.0])})
+    assert {k: (float(s), float(n)) for k, (s, n) in acc.totals().items()} == {
+        "a": (9.0, 3.0),
+        "b": (0.0, 0.0),
+        "c": (6.0, 2.0),
+    }
     means = acc.pop_means()
     assert set(means) == {"a", "c"}  # "b" had no finite value
     assert means["a"].item() == pytest.approx(3.0) and means["c"].item() == pytest.approx(3.0)
     assert len(acc) == 0 and acc.pop_means() == {}
+    acc.update({"a": torch.tensor([7.0])})  # starts over after a pop
+    assert acc.pop_means()["a"].item() == pytest.approx(7.0)
+
+
+def test_a_plain_trainer_logs_the_metrics_without_the_cli(tmp_path):
+    """``AlignmentModule.configure_callbacks`` adds LogProbMetrics, TokenThroughput and FitSummary to a trainer built
+    in Python; under gradient accumulation the windows are flushed on the steps Lightning itself logs."""
+    from lightning import Trainer
+    from lightning.pytorch.callbacks import ThroughputMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    from src.callbacks import LogProbMetrics, TokenThroughput
+    from src.data import AlignmentDataModule
+    from src.modules.dpo import DPO
+
+    trainer = Trainer(
+        max_steps=7,
+        accumulate_grad_batches=2,
+        log_every_n_steps=3,
+        limit_val_batches=0,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[TokenThroughput(window=2)],
+    )
+    trainer.fit(DPO(), AlignmentDataModule(batch_size=4, tiny_rows=128))
+    kinds = [type(c) for c in trainer.callbacks]
+    assert kinds.count(TokenThroughput) == 1 and LogProbMetrics in kinds and FitSummary in kinds
+    assert isinstance(trainer.callbacks[kinds.index(TokenThroughput)], ThroughputMonitor)
+    rows = read_metrics(trainer.logger.log_dir)
+    steps = {key: [int(r["step"]) for r in rows if r.get(key)] for key in ("train/loss", "train/rewards/accuracies")}
+    assert steps["train/loss"] == steps["train/rewards/accuracies"] == [2, 5]  # after optimizer steps 3 and 6
+    by_step: dict[int, dict[str, float]] = {}  # Lightning's monitor and self.log write separate rows of a step
+    for r in rows:
+        by_step.setdefault(int(r["step"]), {}).update({k: float(v) for k, v in r.items() if v and k != "step"})
+    throughput = [m for m in by_step.values() if "train/tokens_per_s" in m]
+    assert throughput  # the 2-batch window is full from the second batch on
+    for m in throughput:
+        assert m["train/tokens_per_s"] == pytest.approx(m["train/device/items_per_sec"], rel=1e-5)
+        assert m["train/samples_per_s"] == pytest.approx(m["train/device/samples_per_sec"], rel=1e-5)
+        assert m["train/tokens_per_s"] > m["train/samples_per_s"] > 0

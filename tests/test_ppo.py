@@ -218,7 +218,7 @@ def test_adaptive_kl_shared_critic_own_optimizer_and_resume(run_cli, tmp_path):
 
 
 def test_sft_rm_ppo_pipeline_by_paths(run_cli, tmp_path):
-    from src.modules.base import load_causal_lm
+    from src.models import load_causal_lm
     from src.modules.reward import load_reward_model
 
     run_cli(["fit", "--config", "sft.yaml", *FAST, "--hf_export.dirpath=sft/hf"])

@@ -123,7 +123,7 @@ def test_fsdp_overlay_instantiates_with_decoder_layer_policy():
     from lightning.pytorch.strategies import FSDPStrategy, Strategy
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from src.modules.base import load_causal_lm
+    from src.models import load_causal_lm
     from src.strategies import NoSplitModulesPolicy
 
     parser = ArgumentParser()

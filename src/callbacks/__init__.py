@@ -3,6 +3,6 @@ Hugging Face export that links pipeline stages."""
 
 from src.callbacks.export import HFExport
 from src.callbacks.logprob import LogProbMetrics
-from src.callbacks.summary import FitSummary, Throughput
+from src.callbacks.summary import FitSummary, TokenThroughput
 
-__all__ = ["FitSummary", "HFExport", "LogProbMetrics", "Throughput"]
+__all__ = ["FitSummary", "HFExport", "LogProbMetrics", "TokenThroughput"]

@@ -1,9 +1,8 @@
 """LogProbMetrics: aggregates the per-sample metrics a step already computed, plus held-out log-prob statistics.
 
 Every algorithm's ``training_step`` / ``validation_step`` returns ``{"loss", "metrics": {name: tensor[B]}}`` computed
-from the log-probs of its own forward (no second forward). This callback accumulates them in plain tensors (a float64
-sum and count per key where the values live; keys of equal size are updated together: a few small tensor ops per
-step, no host sync) and logs:
+from the log-probs of its own forward (no second forward). This callback accumulates them in torchmetrics metrics
+(:class:`FiniteMean`: a float64 sum and count per key on the values' device, no host sync per step) and logs:
 
 * ``train/<name>``: the mean of the finite per-sample values over the *logging window* (every micro-batch of every
   optimizer step since the last flush), as TRL averages its logged metrics. It calls ``pl_module.log`` only when
@@ -13,9 +12,9 @@ step, no host sync) and logs:
   Lightning's result collection, which logging every key on every step made 2–3% of a small-model step.
 * ``val/<name>``: the mean over the validation epoch, logged on epoch end.
 
-Under ``torch.distributed`` (world size > 1) the sums and counts are all-reduced at each flush (one stacked tensor,
-one ``all_reduce``), so every rank logs the global mean. Every ``every_n_steps`` the callback also scores a fixed
-held-out batch without gradient: per-token mean log-prob, policy entropy and KL to the reference.
+Under ``torch.distributed`` (world size > 1) torchmetrics sums the states over processes at each flush, so every
+rank logs the global mean. Every ``every_n_steps`` the callback also scores a fixed held-out batch without gradient:
+per-token mean log-prob, policy entropy and KL to the reference.
 """
 
 from __future__ import annotations
@@ -23,74 +22,69 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning import Callback, LightningModule, Trainer
 from torch import Tensor
+from torchmetrics import Metric
 
 
-class MeanAccumulator:
-    """Per-key running sum and count of the finite entries of tensors, kept on the tensors' device (float64;
-    float32 on MPS, which has no float64) and never read back until :meth:`pop_means`. :meth:`update` stacks the keys
-    whose tensors have the same size and reduces them together, so a step costs a handful of small tensor ops however
-    many keys it has (a DPO step: one group of six)."""
+class FiniteMean(Metric):
+    """Mean of the finite entries of every tensor passed to :meth:`update` (NaN marks a sample without a value, e.g.
+    a GRPO completion no reward function scored). A torchmetrics ``Metric``: states live on the values' device, are
+    summed over processes in :meth:`compute` and never read back before it, so an update costs no host sync.
+    (``MeanMetric(nan_strategy="disable")`` would do, but torchmetrics 1.9 drops its ``weight`` in that mode.)"""
+
+    full_state_update = False
+
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0, dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=dtype), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor) -> None:
+        value = value.detach()
+        finite = torch.isfinite(value)
+        self.total += torch.where(finite, value, 0).sum(dtype=self.total.dtype)
+        self.count += finite.sum(dtype=self.count.dtype)
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count).float()  # NaN when no value was finite
+
+
+class MetricWindow:
+    """One :class:`FiniteMean` per key, created on the device of the key's first values (float64; float32 on MPS)."""
 
     def __init__(self) -> None:
-        self.groups: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}  # keys -> (sums[K], counts[K])
+        self.metrics: dict[str, FiniteMean] = {}
 
     def __len__(self) -> int:
-        return len(self.groups)
+        return sum(m.update_count > 0 for m in self.metrics.values())
 
     def clear(self) -> None:
-        self.groups.clear()
+        for m in self.metrics.values():
+            m.reset()
 
     def update(self, values: dict[str, Tensor]) -> None:
-        by_shape: dict[tuple[int, torch.dtype, torch.device], list[str]] = {}
         for key, value in values.items():
-            by_shape.setdefault((value.numel(), value.dtype, value.device), []).append(key)
-        for (_, _, device), keys in by_shape.items():
-            x = torch.stack([values[k].detach().reshape(-1) for k in keys])
-            dtype = torch.float32 if device.type == "mps" else torch.float64
-            finite = torch.isfinite(x)  # None-like samples (NaN) are excluded from the mean
-            sums, counts = torch.where(finite, x, 0).sum(-1, dtype=dtype), finite.sum(-1, dtype=dtype)
-            group = tuple(keys)
-            if group in self.groups:
-                self.groups[group][0].add_(sums)
-                self.groups[group][1].add_(counts)
-            else:
-                self.groups[group] = (sums, counts)
+            if key not in self.metrics:
+                dtype = torch.float32 if value.device.type == "mps" else torch.float64
+                self.metrics[key] = FiniteMean(dtype).to(value.device)
+            self.metrics[key].update(value)
 
     def totals(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """Each key's (sum, count) as scalar tensors on the device of its values (views: no copy, no host sync)."""
-        out: dict[str, tuple[Tensor, Tensor]] = {}
-        for group, (sums, counts) in self.groups.items():
-            for i, key in enumerate(group):
-                if key in out:
-                    out[key] = (
-                        out[key][0] + sums[i].to(out[key][0].device),
-                        out[key][1] + counts[i].to(out[key][1].device),
-                    )
-                else:
-                    out[key] = (sums[i], counts[i])
-        return out
+        """This process's (sum, count) of every updated key, as scalar tensors on the values' device (no sync)."""
+        return {k: (m.total, m.count) for k, m in self.metrics.items() if m.update_count > 0}
 
     def pop_means(self, device: torch.device | None = None) -> dict[str, Tensor]:
-        """The mean of every key with at least one finite value since the last call (float32 scalars on ``device``,
-        default: where the values were), over all ranks when ``torch.distributed`` runs more than one process (one
-        stacked ``all_reduce``); then starts over. Every rank must call it at the same time with the same keys (they
-        come from the same step outputs)."""
-        if not self.groups:
+        """The mean of every key with at least one finite value since the last call (float32 scalars on ``device``),
+        over all processes under ``torch.distributed`` (every rank must call it with the same keys: they come from
+        the same step outputs); then starts over. One host sync to drop the keys without a finite value."""
+        updated = sorted(k for k, m in self.metrics.items() if m.update_count > 0)
+        if not updated:
             return {}
-        totals = self.totals()
+        means = [self.metrics[k].compute().to(device) if device else self.metrics[k].compute() for k in updated]
         self.clear()
-        keys = sorted(totals)
-        device = device or totals[keys[0]][0].device
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        stats = torch.stack([torch.stack([t.to(device, dtype) for t in totals[k]]) for k in keys], 1)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(stats)
-        counts = stats[1].tolist()
-        means = (stats[0] / stats[1].clamp(min=1)).float()
-        return {k: means[i] for i, k in enumerate(keys) if counts[i] > 0}
+        finite = torch.stack([m.to(means[0].device) for m in means]).isfinite().tolist()
+        return {k: m for k, m, ok in zip(updated, means, finite) if ok}
 
 
 def step_metrics(outputs: Any) -> dict[str, Tensor]:
@@ -107,26 +101,31 @@ class LogProbMetrics(Callback):
     def __init__(self, every_n_steps: int = 50, heldout_batches: int = 1) -> None:
         self.every_n_steps = every_n_steps
         self.heldout_batches = heldout_batches
-        self.train = MeanAccumulator()
-        self.val = MeanAccumulator()
+        self.train = MetricWindow()
+        self.val = MetricWindow()
         self._last_step = -1
         self._first_step = True
         self._heldout: list[dict[str, Any]] | None = None
 
     @staticmethod
-    def _update(acc: MeanAccumulator, stage: str, outputs: Any) -> None:
+    def _update(acc: MetricWindow, stage: str, outputs: Any) -> None:
         acc.update({f"{stage}/{name}": value for name, value in step_metrics(outputs).items()})
 
     @staticmethod
-    def _flush(acc: MeanAccumulator, pl_module: LightningModule, on_step: bool) -> None:
+    def _flush(acc: MetricWindow, pl_module: LightningModule, on_step: bool) -> None:
         for key, mean in acc.pop_means(pl_module.device).items():
             pl_module.log(key, mean, on_step=on_step, on_epoch=not on_step)
 
     @staticmethod
     def should_flush(trainer: Trainer) -> bool:
-        """Called in ``on_train_batch_end`` after an optimizer step: whether the train window is logged now."""
-        if trainer._logger_connector.should_update_logs or trainer.fast_dev_run or trainer.should_stop:
-            return True  # Lightning sends this step to the loggers (the check LearningRateMonitor uses)
+        """Called in ``on_train_batch_end`` after an optimizer step: whether the train window is logged now, i.e.
+        whether Lightning sends this step to the loggers (its cadence counts stepped batches, which the public
+        ``fit_loop.total_batch_idx`` gives), the fit is stopping or this is its last step."""
+        stepped = (trainer.fit_loop.total_batch_idx + 1) // trainer.accumulate_grad_batches
+        if trainer.log_every_n_steps and stepped % trainer.log_every_n_steps == 0:
+            return True
+        if trainer.fast_dev_run or trainer.should_stop:
+            return True
         if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
             return True  # the last step of the fit
         max_epochs = trainer.max_epochs

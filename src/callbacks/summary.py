@@ -1,55 +1,78 @@
-"""Throughput (tokens/s, samples/s in the progress bar) and FitSummary (where key metrics started and ended)."""
+"""TokenThroughput (tokens/s and samples/s in the progress bar, MFU) and FitSummary (where key metrics started and
+ended)."""
 
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from src.callbacks.logprob import MeanAccumulator, step_metrics
+from src.callbacks.logprob import MetricWindow, step_metrics
 
 
-class Throughput(Callback):
-    """Tokens and samples per second over the last ``window`` optimizer steps, from ``num_tokens`` the collator
-    (or the step's output) counted on the host, so measuring needs no device sync."""
+def _samples(batch: dict[str, Any]) -> int:
+    return int(batch["num_samples"]) if "num_samples" in batch else int(batch["index"].numel())
+
+
+def _tokens(batch: dict[str, Any]) -> int:
+    return max(int(batch.get("num_tokens", 0)), _samples(batch))
+
+
+class TokenThroughput(ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` counting the tokens the collator (or, for GRPO/PPO, the step's rollout)
+    counted on the host, so measuring needs no device sync (on CUDA Lightning synchronizes to time the step). It
+    logs Lightning's ``train/device/*`` keys (``samples_per_sec``, ``items_per_sec``, ``flops_per_sec`` and ``mfu``
+    where the device's peak FLOPs are known), and ``train/tokens_per_s`` (progress bar) and ``train/samples_per_s``
+    over all processes. FLOPs per batch are estimated as 6 · trainable parameters · tokens (2 · for validation),
+    the Kaplan et al. (2020) count, which leaves out the attention's quadratic term and the frozen reference.
+
+    Args:
+        window: number of batches of the rolling average (Lightning's ``window_size``).
+    """
 
     def __init__(self, window: int = 10) -> None:
-        self.window = window
-        self._t0: float | None = None
-        self._tokens = self._samples = 0
-        self._steps = 0
-        self._last_step = -1
+        super().__init__(batch_size_fn=_samples, length_fn=_tokens, window_size=max(2, window))
+        self._params = 0
+        self._logged_time: Any = None
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._t0 is None:
-            self._t0 = time.perf_counter()
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        if isinstance(trainer.strategy, FSDPStrategy):  # each rank holds a shard
+            n = torch.tensor(float(self._params), device=pl_module.device)
+            self._params = int(trainer.strategy.reduce(n, reduce_op="sum"))
+        super().on_train_start(trainer, pl_module, *args)
 
     def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args: Any
     ) -> None:
         out = outputs if isinstance(outputs, dict) else {}
-        self._tokens += int(out.get("num_tokens", batch.get("num_tokens", 0)))
-        self._samples += int(out.get("num_samples", batch["index"].numel()))
-        if trainer.global_step == self._last_step:
-            return
-        self._last_step = trainer.global_step
-        self._steps += 1
-        if self._steps >= self.window and self._t0 is not None:
-            dt = time.perf_counter() - self._t0
+        counts = {"num_samples": out.get("num_samples", _samples(batch)), "num_tokens": out.get("num_tokens", 0)}
+        counts["num_tokens"] = counts["num_tokens"] or batch.get("num_tokens", 0)
+        pl_module.flops_per_batch = 6 * self._params * _tokens(counts)
+        super().on_train_batch_end(trainer, pl_module, outputs, counts, *args)
+        logged = trainer.logged_metrics
+        if trainer.is_global_zero and logged.get("train/time") != self._logged_time:
+            self._logged_time = logged.get("train/time")  # Lightning's monitor just computed a new window
             ws = trainer.world_size
-            pl_module.log("train/tokens_per_s", self._tokens * ws / dt, prog_bar=True, rank_zero_only=True)
-            pl_module.log("train/samples_per_s", self._samples * ws / dt, rank_zero_only=True)
-            self._t0, self._tokens, self._samples, self._steps = time.perf_counter(), 0, 0, 0
+            if "train/device/items_per_sec" in logged:
+                tokens = float(logged["train/device/items_per_sec"]) * ws
+                pl_module.log("train/tokens_per_s", tokens, prog_bar=True, rank_zero_only=True)
+            if "train/device/samples_per_sec" in logged:
+                samples = float(logged["train/device/samples_per_sec"]) * ws
+                pl_module.log("train/samples_per_s", samples, rank_zero_only=True)
 
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Validation time is not training time: restart the window."""
-        self._t0, self._tokens, self._samples, self._steps = None, 0, 0, 0
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        pl_module.flops_per_batch = 2 * self._params * _tokens(batch)
+        super().on_validation_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)
 
 
 class FitSummary(Callback):
@@ -67,7 +90,7 @@ class FitSummary(Callback):
     def __init__(self, window: int = 10) -> None:
         self.window = window
         self._values: dict[str, list[Tensor]] = {}  # per optimizer step: (sum, count)
-        self._step = MeanAccumulator()  # the current optimizer step's micro-batches
+        self._step = MetricWindow()  # the current optimizer step's micro-batches
         self._last_step = -1
 
     @property

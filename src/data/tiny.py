@@ -106,10 +106,8 @@ def build_model(overrides: dict[str, Any] | None = None, attn_implementation: st
     """A randomly initialised tiny ``LlamaForCausalLM`` (1.57M parameters by default), fp32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**{**TINY_MODEL_CONFIG, **(overrides or {})})
-    if attn_implementation is not None:
-        cfg._attn_implementation = attn_implementation
-    return LlamaForCausalLM(cfg)
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_MODEL_CONFIG, **(overrides or {}), **extra}))
 
 
 @lru_cache(maxsize=8)

@@ -1,5 +1,5 @@
-"""Shared mechanics of every algorithm: model loading (tiny default, local HF dirs, LoRA), the frozen reference,
-optimizer + scheduler, gradient-norm logging and clipping, and the NaN/Inf guard. Each algorithm subclasses
+"""Shared mechanics of every algorithm: the policy (``src/models.py``, LoRA), the frozen reference, optimizer +
+scheduler, gradient-norm logging and clipping, and the NaN/Inf guard. Each algorithm subclasses
 :class:`AlignmentModule` in its own file and writes its step; sequences are scored by ``src/logprobs.py``, through the
 speed paths of ``src/accel/`` that the ``accel`` switch turns on.
 """
@@ -10,11 +10,10 @@ import copy
 import inspect
 import logging
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning import LightningModule, Trainer
+from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
@@ -23,50 +22,9 @@ from torch import Tensor, nn
 from src.accel import Accel, AccelSpec, parse
 from src.data import tiny
 from src.logprobs import completion_logits, completion_logps, logps_from_logits, unwrap
+from src.models import disable_dropout, load_causal_lm
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------------- model loading
-def load_causal_lm(
-    name_or_path: str,
-    *,
-    model_config: dict[str, Any] | None = None,
-    torch_dtype: str | None = None,
-    attn_implementation: str | None = None,
-    auto_class: str = "AutoModelForCausalLM",
-    **kwargs: Any,
-) -> nn.Module:
-    """``"tiny"`` builds the embedded tiny Llama from config (``model_config`` overrides its fields); anything else is
-    loaded with ``from_pretrained`` from a local directory (or the local HF cache; nothing is downloaded)."""
-    import transformers
-
-    if name_or_path == tiny.TINY:
-        if auto_class != "AutoModelForCausalLM":
-            from transformers import LlamaConfig
-
-            cfg = LlamaConfig(**{**tiny.TINY_MODEL_CONFIG, **(model_config or {}), **kwargs})
-            return getattr(transformers, auto_class).from_config(cfg)
-        return tiny.build_model(model_config, attn_implementation)
-    if not Path(name_or_path).exists():
-        if name_or_path.startswith(("/", ".", "~")):
-            raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
-        log.info("model %s is not a local path; trying the local Hugging Face cache", name_or_path)
-    extra: dict[str, Any] = dict(kwargs)
-    if torch_dtype is not None:
-        extra["dtype"] = getattr(torch, torch_dtype) if torch_dtype != "auto" else "auto"
-    if attn_implementation is not None:
-        extra["attn_implementation"] = attn_implementation
-    try:
-        return getattr(transformers, auto_class).from_pretrained(name_or_path, **extra)
-    except OSError as e:
-        raise FileNotFoundError(f"model {name_or_path!r}: not a local directory nor in the HF cache ({e})") from e
-
-
-def disable_dropout(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
 
 
 # -------------------------------------------------------------------------------------------------------- the module
@@ -324,6 +282,16 @@ class AlignmentModule(LightningModule):
             return
         if self.automatic_optimization:
             self._step_norm = norm
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The metrics callbacks (``LogProbMetrics``, ``TokenThroughput``, ``FitSummary``) of a trainer built in Python
+        without them; the CLI's own (configurable) instances are left as they are."""
+        from src.callbacks import FitSummary, LogProbMetrics, TokenThroughput
+
+        have = self.trainer.callbacks
+        return [
+            cls() for cls in (LogProbMetrics, TokenThroughput, FitSummary) if not any(isinstance(c, cls) for c in have)
+        ]
 
     _batch_idx = 0
 

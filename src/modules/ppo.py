@@ -65,7 +65,7 @@ from src.losses import (
     ppo_value_loss,
     rloo_advantages,
 )
-from src.modules.base import disable_dropout
+from src.models import disable_dropout
 from src.modules.online import OnlineModule
 from src.modules.reward import SEQUENCE_CLASSIFIER, load_reward_model, score_head, sequence_scores
 from src.rollout import SamplingConfig

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from src.logprobs import decoder_hidden, unwrap
 from src.losses import bradley_terry_loss
-from src.modules.base import AlignmentModule, load_causal_lm
+from src.models import load_causal_lm
+from src.modules.base import AlignmentModule
 
 SEQUENCE_CLASSIFIER = "AutoModelForSequenceClassification"
 

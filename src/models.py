@@ -1,0 +1,55 @@
+"""Loading causal LMs: the embedded tiny default built from config, or a local Hugging Face directory (offline)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from src.data import tiny
+
+log = logging.getLogger(__name__)
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    model_config: dict[str, Any] | None = None,
+    torch_dtype: str | None = None,
+    attn_implementation: str | None = None,
+    auto_class: str = "AutoModelForCausalLM",
+    **kwargs: Any,
+) -> nn.Module:
+    """``"tiny"`` builds the embedded tiny Llama from config (``model_config`` overrides its fields); anything else is
+    loaded with ``from_pretrained`` from a local directory (or the local HF cache; nothing is downloaded)."""
+    import transformers
+
+    if name_or_path == tiny.TINY:
+        if auto_class != "AutoModelForCausalLM":
+            from transformers import LlamaConfig
+
+            cfg = LlamaConfig(**{**tiny.TINY_MODEL_CONFIG, **(model_config or {}), **kwargs})
+            return getattr(transformers, auto_class).from_config(cfg)
+        return tiny.build_model(model_config, attn_implementation)
+    if not Path(name_or_path).exists():
+        if name_or_path.startswith(("/", ".", "~")):
+            raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
+        log.info("model %s is not a local path; trying the local Hugging Face cache", name_or_path)
+    extra: dict[str, Any] = dict(kwargs)
+    if torch_dtype is not None:
+        extra["dtype"] = getattr(torch, torch_dtype) if torch_dtype != "auto" else "auto"
+    if attn_implementation is not None:
+        extra["attn_implementation"] = attn_implementation
+    try:
+        return getattr(transformers, auto_class).from_pretrained(name_or_path, **extra)
+    except OSError as e:
+        raise FileNotFoundError(f"model {name_or_path!r}: not a local directory nor in the HF cache ({e})") from e
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
