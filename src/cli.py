@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 for _k, _v in {
     "HF_HUB_OFFLINE": "1",
@@ -70,9 +70,75 @@ def tag_wandb_loggers(config: Any) -> None:
             logger.init_args.tags = tags
 
 
+def job_name(config: Any) -> str:
+    """``dpo`` for ``--config configs/dpo.yaml`` (the first config file), else the module class in lower case."""
+    for p in config.get("config") or []:
+        return Path(str(getattr(p, "relative", p))).stem
+    model = config.get("model") if hasattr(config, "get") else None
+    return str(getattr(model, "class_path", "run")).rsplit(".", 1)[-1].lower()
+
+
+def place_loggers(config: Any) -> None:
+    """Logs of a job go under ``runs/<job>/`` whatever the loggers: a ``CSVLogger`` without a ``name`` gets the job
+    name, a ``WandbLogger`` without a ``save_dir`` gets ``runs/<job>`` (``configs/logger/wandb.yaml`` leaves both
+    empty)."""
+    loggers = config.get("trainer", {}).get("logger") if hasattr(config, "get") else None
+    job = job_name(config)
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        args = logger.get("init_args") if hasattr(logger, "get") else None
+        if args is None:
+            continue
+        kind = str(logger.get("class_path", ""))
+        if kind.endswith("CSVLogger") and not args.get("name"):
+            args.name = job
+        elif kind.endswith("WandbLogger") and not args.get("save_dir"):
+            args.save_dir = f"runs/{job}"
+
+
+def short_error(message: str) -> str:
+    """jsonargparse's nested error for a bad option, as one line: ``"model": 'src.modules.dpo.DPO': "beta": ...``."""
+    skip = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>")
+    parts = []
+    for line in message.splitlines():
+        text = line.strip().lstrip("-").strip()
+        if text and not text.startswith(skip):
+            parts.append(text.replace("Problem with given class_path ", "").replace("Parser key ", "").rstrip(":"))
+    return ": ".join(parts) or message
+
+
+def own_error(error: BaseException) -> BaseException | None:
+    """The innermost ``ValueError`` / ``ImportError`` / ``FileNotFoundError`` of ``error``'s cause chain that was
+    raised in this project's ``src/`` (``None`` if there is none)."""
+    src = str(Path(__file__).resolve().parent)
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if isinstance(error, (ValueError, ImportError, FileNotFoundError)) and tb is not None:
+            if str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(src):
+                found = error
+        error = error.__cause__ or error.__context__
+    return found
+
+
+class AlignArgumentParser(LightningArgumentParser):
+    """One-line errors: a bad option or an unimportable reward says what and where, without the 100-line usage."""
+
+    def print_usage(self, file: Any = None) -> None:
+        prog = self.prog.replace(" [options]", "").replace("__main__.py", "python -m src")
+        (file or sys.stderr).write(f"usage: {prog} --config CONFIG [--key value ...]\n")
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        super().error(short_error(message), ex)
+
+
 class AlignCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
-        tag_wandb_loggers(self.config.get(self.subcommand) if self.subcommand else self.config)
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        tag_wandb_loggers(config)
+        place_loggers(config)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer_name_or_path")
@@ -80,6 +146,17 @@ class AlignCLI(LightningCLI):
         parser.add_lightning_class_args(TokenThroughput, "throughput")
         parser.add_lightning_class_args(FitSummary, "fit_summary")
         parser.add_lightning_class_args(HFExport, "hf_export")  # --hf_export.dirpath DIR: save_pretrained at fit end
+
+    def instantiate_classes(self) -> None:
+        """A deliberate error of this project's code while building the model, data or callbacks (a bad option
+        value, a reward that cannot be imported, a missing file) ends the command in one line instead of
+        jsonargparse's chained tracebacks; any other exception propagates as it is."""
+        try:
+            super().instantiate_classes()
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is one of ours
+            if (ours := own_error(e)) is None:
+                raise
+            raise SystemExit(f"error: {ours}") from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The default progress bar is TQDM, drawn in the training loop. Lightning's default (Rich when installed)
@@ -127,6 +204,7 @@ def main(args: list[str] | None = None, run: bool = True) -> AlignCLI | Path:
         subclass_mode_model=True,
         seed_everything_default=42,
         save_config_callback=LoggerSaveConfigCallback,
+        parser_class=AlignArgumentParser,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"plugins": [{"class_path": "src.callbacks.checkpoint_io.AtomicCheckpointIO"}]},
         parser_kwargs={"parser_mode": "yaml"},

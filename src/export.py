@@ -29,24 +29,52 @@ def consolidate(ckpt_path: str | Path, workdir: Path) -> Path:
 
         convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
         return out
-    if (path / "meta.pt").exists():  # FSDP sharded state dict
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+    if (
+        path / "meta.pt"
+    ).exists():  # FSDP sharded state dict: torch.distributed.checkpoint shards + Lightning's meta.pt
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-        torch.save(_load_distributed_checkpoint(path), out)
+        dcp_to_torch_save(path, out)
+        checkpoint = torch.load(out, map_location="cpu", weights_only=False)
+        checkpoint.update(torch.load(path / "meta.pt", map_location="cpu", weights_only=False))
+        torch.save(checkpoint, out)
         return out
     raise ValueError(f"{path}: a directory that is neither a DeepSpeed nor an FSDP sharded checkpoint")
 
 
+def module_class(ckpt_path: str | Path) -> type:
+    """The ``AlignmentModule`` subclass a checkpoint of this project was trained with, imported by its class path
+    (LightningCLI stores it as ``hyper_parameters["_class_path"]``), so ``export`` works in a fresh process."""
+    import importlib
+
+    from src.modules.base import AlignmentModule
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    class_path = hparams.get("_class_path")
+    if class_path is None:
+        return AlignmentModule  # saved without the CLI: Lightning resolves the class itself if it is imported
+    module_name, _, name = str(class_path).rpartition(".")
+    if not module_name.startswith("src."):
+        raise ValueError(f"{ckpt_path}: trained with {class_path!r}, not a module of this project (src.modules.*)")
+    cls = getattr(importlib.import_module(module_name), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, AlignmentModule)):
+        raise ValueError(f"{ckpt_path}: {class_path!r} is not an AlignmentModule of this project")
+    return cls
+
+
 def export(ckpt_path: str | Path, out: str | Path) -> Path:
     """Write the checkpoint's model and tokenizer as a ``save_pretrained`` directory; returns ``out``."""
+    from src.callbacks.checkpoint_io import check_checkpoint
     from src.callbacks.export import HFExport
     from src.data import load_tokenizer
-    from src.modules.base import AlignmentModule
 
     with tempfile.TemporaryDirectory() as tmp:
         single = consolidate(ckpt_path, Path(tmp))
+        check_checkpoint(single)
+        cls = module_class(single)
         try:
-            module = AlignmentModule.load_from_checkpoint(single, map_location="cpu", weights_only=False)
+            module = cls.load_from_checkpoint(single, map_location="cpu", weights_only=False)
         except (KeyError, RuntimeError, EOFError) as e:
             raise ValueError(f"{ckpt_path}: not a checkpoint of this project, or corrupt ({e})") from e
     module.tokenizer = getattr(module, "tokenizer", None) or load_tokenizer(module.hparams.model_name_or_path)

@@ -46,7 +46,16 @@ def load_causal_lm(
     try:
         return getattr(transformers, auto_class).from_pretrained(name_or_path, **extra)
     except OSError as e:
-        raise FileNotFoundError(f"model {name_or_path!r}: not a local directory nor in the HF cache ({e})") from e
+        raise FileNotFoundError(f"model {name_or_path!r}: {not_found_hint()}") from e
+
+
+def not_found_hint() -> str:
+    """Why a name that is not a local path failed to load, and the one switch that lets the hub download it."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "False", ""):
+        return "not a local directory and not in the HF cache; runs are offline by default: HF_HUB_OFFLINE=0 downloads"
+    return "not a local directory, not in the HF cache, and the Hugging Face hub could not provide it"
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -47,6 +47,8 @@ def load_tokenizer(name_or_path: str):
         return tiny.load_tokenizer()
     from transformers import AutoTokenizer
 
+    from src.models import not_found_hint
+
     if not Path(name_or_path).exists():
         if name_or_path.startswith(("/", ".", "~")):
             raise FileNotFoundError(f"tokenizer path {name_or_path!r} does not exist")
@@ -54,7 +56,7 @@ def load_tokenizer(name_or_path: str):
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except OSError as e:
-        raise FileNotFoundError(f"tokenizer {name_or_path!r}: not a local directory nor in the HF cache ({e})") from e
+        raise FileNotFoundError(f"tokenizer {name_or_path!r}: {not_found_hint()}") from e
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; set one (tokenizer.eos_token) before training")
     if tok.pad_token_id is None:
