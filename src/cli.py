@@ -8,6 +8,7 @@ once and linked to the DataModule's tokenizer; the resolved config is saved next
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Iterable
@@ -123,6 +124,30 @@ def own_error(error: BaseException) -> BaseException | None:
     return found
 
 
+class StepsProgressBar(TQDMProgressBar):
+    """TQDM whose epoch total is the batches ``max_steps`` leaves: GRPO/PPO make several optimizer steps per batch
+    (PPO: ``ppo_epochs × num_mini_batches``), so the dataloader's length overstates the run. Measured on the first
+    optimizer step of the fit; the total only ever shrinks."""
+
+    _start: tuple[int, int] | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._start, self._measured = (trainer.global_step, trainer.fit_loop.total_batch_idx), False
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        step0, batch0 = self._start or (0, -1)
+        if not self._measured and trainer.max_steps > 0 and trainer.global_step > step0 and self.train_progress_bar:
+            self._measured = True
+            per_batch = (trainer.global_step - step0) / (trainer.fit_loop.total_batch_idx - batch0)
+            total = i + 1 + math.ceil((trainer.max_steps - trainer.global_step) / per_batch)
+            if self.train_progress_bar.total is None or total < self.train_progress_bar.total:
+                self.train_progress_bar.total = total
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, i)
+
+
 class AlignArgumentParser(LightningArgumentParser):
     """One-line errors: a bad option or an unimportable reward says what and where, without the 100-line usage."""
 
@@ -168,7 +193,7 @@ class AlignCLI(LightningCLI):
             callbacks = cfg.get("callbacks") or []
             callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
             if not any(isinstance(c, ProgressBar) for c in callbacks):
-                kwargs["callbacks"] = [*callbacks, TQDMProgressBar()]
+                kwargs["callbacks"] = [*callbacks, StepsProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:

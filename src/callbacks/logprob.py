@@ -112,9 +112,24 @@ class LogProbMetrics(Callback):
         acc.update({f"{stage}/{name}": value for name, value in step_metrics(outputs).items()})
 
     @staticmethod
-    def _flush(acc: MetricWindow, pl_module: LightningModule, on_step: bool) -> None:
-        for key, mean in acc.pop_means(pl_module.device).items():
+    def _flush(acc: MetricWindow, pl_module: LightningModule, on_step: bool) -> dict[str, Tensor]:
+        means = acc.pop_means(pl_module.device)
+        for key, mean in means.items():
             pl_module.log(key, mean, on_step=on_step, on_epoch=not on_step)
+        return means
+
+    @staticmethod
+    def write_first_row(trainer: Trainer, pl_module: LightningModule, outputs: Any, means: dict[str, Tensor]) -> None:
+        """The first optimizer step of a fit is written to the loggers even when it is not a logging step (so
+        ``metrics.csv`` has a step-1 row, e.g. DPO's ln 2), at the step number Lightning would have used."""
+        row = {key: float(mean) for key, mean in means.items()}
+        if isinstance(outputs, dict) and "loss" in outputs:
+            scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+            if scale == 1:  # under accumulation the output holds the last micro-batch only: leave it to FitSummary
+                row["train/loss"] = float(outputs["loss"])
+        step = (trainer.fit_loop.total_batch_idx + 1) // trainer.accumulate_grad_batches - 1
+        for logger in trainer.loggers:
+            logger.log_metrics(row, step=step)
 
     @staticmethod
     def should_flush(trainer: Trainer) -> bool:
@@ -143,8 +158,11 @@ class LogProbMetrics(Callback):
         self._update(self.train, "train", outputs)
         if trainer.global_step != self._last_step:  # an optimizer step just completed
             self._last_step = trainer.global_step
-            if self._first_step or self.should_flush(trainer):
-                self._flush(self.train, pl_module, on_step=True)
+            logging_now = self.should_flush(trainer)
+            if self._first_step or logging_now:
+                means = self._flush(self.train, pl_module, on_step=True)
+                if self._first_step and not logging_now:
+                    self.write_first_row(trainer, pl_module, outputs, means)
             self._first_step = False
             if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
                 self.log_heldout(trainer, pl_module)

@@ -4,12 +4,14 @@ ended)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
@@ -92,6 +94,7 @@ class FitSummary(Callback):
         self._values: dict[str, list[Tensor]] = {}  # per optimizer step: (sum, count)
         self._step = MetricWindow()  # the current optimizer step's micro-batches
         self._last_step = -1
+        self._first_step: int | None = None
 
     @property
     def history(self) -> dict[str, list[float]]:
@@ -107,6 +110,7 @@ class FitSummary(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_step = trainer.global_step
+        self._first_step = None  # the global step of the first recorded step (31 when resuming after step 30)
         self._step.clear()
 
     def on_train_batch_end(
@@ -129,6 +133,8 @@ class FitSummary(Callback):
         if trainer.global_step == self._last_step:
             return
         self._last_step = trainer.global_step
+        if self._first_step is None:
+            self._first_step = trainer.global_step
         totals = self._step.totals()
         self._step.clear()
         for key in keys:
@@ -171,8 +177,9 @@ class FitSummary(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         history = self.history
+        first = self._first_step or 1
         lines = [
-            f"  {k}: step 1 {history[k][0]:.4f} | mean of first steps {a:.4f} -> mean of last steps {b:.4f}"
+            f"  {k}: step {first} {history[k][0]:.4f} | mean of first steps {a:.4f} -> mean of last steps {b:.4f}"
             for k, (a, b) in self.summary(trainer, history).items()
         ]
         for key in getattr(pl_module, "summary_metrics", ()):
@@ -181,3 +188,31 @@ class FitSummary(Callback):
                 lines.append(f"  {val_key}: {float(trainer.callback_metrics[val_key]):.4f} (last validation)")
         if lines:
             rank_zero_info(f"{type(pl_module).__name__} finished {trainer.global_step} steps:\n" + "\n".join(lines))
+        if where := outputs_of(trainer):
+            rank_zero_info("Outputs:\n" + "\n".join(f"  {name}: {path}" for name, path in where.items()))
+
+
+def outputs_of(trainer: Trainer) -> dict[str, str]:
+    """Where a fit wrote its outputs: run directory, metrics file, resolved config, checkpoints, W&B run, export."""
+    from src.callbacks.export import HFExport
+
+    out: dict[str, str] = {}
+    for logger in trainer.loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        if isinstance(logger, CSVLogger) and log_dir:
+            out["run directory"] = log_dir
+            out["metrics"] = str(Path(log_dir) / "metrics.csv")
+            if (Path(log_dir) / "config.yaml").exists():
+                out["config"] = str(Path(log_dir) / "config.yaml")
+        elif isinstance(logger, WandbLogger) and logger.save_dir:
+            out["W&B (offline: wandb sync DIR)"] = str(Path(logger.save_dir) / "wandb")
+    if trainer.log_dir and "run directory" not in out:
+        out["run directory"] = trainer.log_dir
+    for cb in trainer.checkpoint_callbacks:
+        path = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
+        if path:
+            out["checkpoint (resume: --ckpt_path last)" if "last" in Path(path).name else "checkpoint"] = path
+    for cb in trainer.callbacks:
+        if isinstance(cb, HFExport) and cb.dirpath:
+            out["Hugging Face export"] = cb.dirpath
+    return out

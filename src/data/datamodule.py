@@ -292,6 +292,8 @@ class AlignmentDataModule(LightningDataModule):
             Completions are always cut at the end. Every cut is counted and logged.
         shuffle: shuffle training rows each epoch (seeded by ``seed_everything``); ``False`` keeps file order.
         tiny_rows: rows generated for the embedded task.
+        identical_pairs: a preference pair whose chosen equals its rejected (after tokenization) is an ``error``
+            naming its file and row; ``keep`` keeps such pairs (they carry no gradient in DPO) and logs their count.
     """
 
     def __init__(
@@ -313,6 +315,7 @@ class AlignmentDataModule(LightningDataModule):
         pad_to_multiple_of: int | None = None,
         tiny_rows: int = 2048,
         split_seed: int = 0,
+        identical_pairs: Literal["error", "keep"] = "error",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -320,6 +323,7 @@ class AlignmentDataModule(LightningDataModule):
         self.train_set: RowDataset | None = None
         self.val_set: RowDataset | None = None
         self.truncated: Counter[str] = Counter()
+        self.identical_pairs = 0  # pairs whose chosen equals their rejected (kept under identical_pairs=keep)
         self.sampler: ResumableSampler | None = None
         self._resume: tuple[int, int] = (0, 0)  # (epoch, rows consumed) restored from a checkpoint
 
@@ -363,6 +367,13 @@ class AlignmentDataModule(LightningDataModule):
                     raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
                 row = normalise_row(row, self.kind, where)
                 out.append(tokenize.row(row, self.kind, where, len(out)))
+                if self.kind == "preference" and out[-1]["chosen_ids"] == out[-1]["rejected_ids"]:
+                    if self.hparams.identical_pairs == "error":
+                        raise DataError(
+                            f"{where}: fields 'chosen' and 'rejected' are identical after tokenization (the pair "
+                            "states no preference); fix the row, or set data.identical_pairs=keep to keep and count"
+                        )
+                    self.identical_pairs += 1
                 if ("margin" in out[-1]) != ("margin" in out[0]):  # a batch needs a margin on every row or none
                     raise DataError(f"{where}: field 'margin': given on some rows only (every row needs one, or none)")
         return RowDataset(out)
@@ -378,6 +389,11 @@ class AlignmentDataModule(LightningDataModule):
             raise DataError(f"{train_parts[0][0]}: no usable rows")
         self.val_set = self._tokenize(val_parts, tok) if val_parts else None
         self.truncated = tok.cut
+        if self.identical_pairs:
+            log.warning(
+                "%d preference pairs have identical chosen and rejected (kept: identical_pairs=keep)",
+                self.identical_pairs,
+            )
         if tok.cut:
             n = len(self.train_set) + (len(self.val_set) if self.val_set else 0)
             detail = ", ".join(f"{v} {k}" for k, v in sorted(tok.cut.items()))

@@ -4,6 +4,7 @@ sampling noise, micro-batch slicing and the completions table."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,9 @@ from src.rewards import RewardScorer
 from src.rollout import Rollout, SamplingConfig, generate
 
 STAGES = ("train", "val", "heldout")
+# Lightning 2.6's ModelCheckpoint warns at every save under manual optimization that it stores the state after the
+# optimizer step: that is the state an exact resume needs (tests/test_resume.py), so the warning is noise here.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 
 
 class OnlineModule(AlignmentModule):
