@@ -81,16 +81,17 @@ def test_train_metrics_are_window_means_on_logging_steps(dpo_run):
     for key in KEYS:
         logged = [(int(r["step"]), float(r[f"train/{key}"])) for r in rows if r.get(f"train/{key}")]
         # Lightning logs after optimizer steps 3 and 6 (CSV step = steps done before it); step 1 and the last step
-        # (7) are flushed to callback_metrics only. Windows: since the previous flush.
-        assert [s for s, _ in logged] == [EVERY - 1, 2 * EVERY - 1]
-        windows = [range(2, 4), range(4, 7)]
+        # (7) are flushed to callback_metrics; step 1 also goes to the loggers. Windows: since the previous flush.
+        # Step 1 is written too (CSV step 0), though it is not a logging step.
+        assert [s for s, _ in logged] == [0, EVERY - 1, 2 * EVERY - 1]
+        windows = [range(1, 2), range(2, 4), range(4, 7)]
         for (_, value), window in zip(logged, windows):
             assert value == pytest.approx(rec.mean(key, window), abs=1e-6), (key, window)
         assert rec.seen[STEPS][f"train/{key}"] == pytest.approx(rec.mean(key, range(STEPS, STEPS + 1)), abs=1e-6)
     # The margins of different steps differ, so a per-step (unwindowed) value would fail the comparison above.
     margins = "rewards/margins"
     assert abs(rec.mean(margins, range(6, 7)) - rec.mean(margins, range(4, 7))) > 1e-6
-    assert len(column(rows, "train/loss")) == 2  # the module's own self.log follows the same logging steps
+    assert len(column(rows, "train/loss")) == 3  # the module's own self.log: the logging steps, plus step 1
 
 
 def test_step_one_values_are_in_callback_metrics(dpo_run):
@@ -165,7 +166,8 @@ def test_a_plain_trainer_logs_the_metrics_without_the_cli(tmp_path):
     assert isinstance(trainer.callbacks[kinds.index(TokenThroughput)], ThroughputMonitor)
     rows = read_metrics(trainer.logger.log_dir)
     steps = {key: [int(r["step"]) for r in rows if r.get(key)] for key in ("train/loss", "train/rewards/accuracies")}
-    assert steps["train/loss"] == steps["train/rewards/accuracies"] == [2, 5]  # after optimizer steps 3 and 6
+    assert steps["train/rewards/accuracies"] == [0, 2, 5]  # step 1, then after optimizer steps 3 and 6
+    assert steps["train/loss"] == [2, 5]  # under accumulation the step-1 row leaves the loss to the logging steps
     by_step: dict[int, dict[str, float]] = {}  # Lightning's monitor and self.log write separate rows of a step
     for r in rows:
         by_step.setdefault(int(r["step"]), {}).update({k: float(v) for k, v in r.items() if v and k != "step"})

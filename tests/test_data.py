@@ -178,3 +178,11 @@ def test_right_padding_for_training():
         assert batch["attention_mask"][i, :n].all() and not batch["attention_mask"][i, n:].any()
     assert not (batch["completion_mask"].bool() & ~batch["attention_mask"].bool()).any()
     assert torch.equal(batch["completion_mask"][:, 0], torch.zeros_like(batch["completion_mask"][:, 0]))
+
+
+def test_identical_chosen_and_rejected(tmp_path):
+    rows = [{"prompt": "a b", "chosen": " c", "rejected": " d"}, {"prompt": "a b", "chosen": " c", "rejected": " c"}]
+    with pytest.raises(DataError, match=r"same\.jsonl: row 2: fields 'chosen' and 'rejected' are identical"):
+        make(tmp_path, rows, "preference", name="same.jsonl")
+    dm = make(tmp_path, rows, "preference", name="same.jsonl", identical_pairs="keep")
+    assert len(dm.train_set) == 2 and dm.identical_pairs == 1

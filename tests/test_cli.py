@@ -1,0 +1,145 @@
+"""What a user of the command line meets: export from a fresh process, ``--ckpt_path last`` resumes the job configs'
+own checkpoints, one-line errors, logs under ``runs/<job>/`` whatever the loggers, the end-of-fit "Outputs" lines,
+the step-1 row and a progress bar whose total matches ``max_steps``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import FAST, ROOT, read_metrics
+
+# The job configs' own ModelCheckpoint (runs/<job>/checkpoints, step=N.ckpt + last.ckpt), saving every 3 steps.
+EVERY_3 = ["--trainer.callbacks.every_n_train_steps=3", "--trainer.limit_val_batches=0", "--data.shuffle=false"]
+
+
+def python_m_src(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m src ARGS`` in a fresh process (nothing of this test process imported)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "MASTER_", "LOCAL_RANK", "RANK"))}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "src", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def greedy(model, batch, n: int = 6) -> torch.Tensor:
+    ids, attn = batch["prompt_ids"][:2], batch["prompt_mask"][:2]
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, do_sample=False)[:, ids.shape[1] :]
+
+
+JOBS = [
+    pytest.param("dpo", id="dpo"),
+    pytest.param("sft", id="sft", marks=pytest.mark.slow),
+    pytest.param("rm", id="rm", marks=pytest.mark.slow),
+    pytest.param("grpo", id="grpo", marks=pytest.mark.slow),
+    pytest.param("ppo", id="ppo", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_export_from_a_fresh_process(run_cli, tmp_path, job, prompt_batch):
+    """``python -m src export`` imports the module class the checkpoint names (Lightning 2.6 refuses classes that
+    are not imported yet); the exported directory loads with the Auto class and behaves like the module."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cli = run_cli(["fit", "--config", f"{job}.yaml", *FAST, *EVERY_3])
+    ckpt = tmp_path / "runs" / job / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    proc = python_m_src(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "hf")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    module = cli.model.eval()
+    if job == "rm":
+        batch = next(iter(cli.datamodule.train_dataloader()))
+        loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        with torch.no_grad():
+            ours, theirs = module.model(input_ids=ids, attention_mask=attn).logits, loaded(ids, attention_mask=attn)
+        assert torch.allclose(ours, theirs.logits, atol=1e-5)
+        return
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    batch, _ = prompt_batch
+    assert torch.equal(greedy(loaded, batch), greedy(module.model, batch))
+
+
+def test_export_rejects_a_checkpoint_of_another_project(tmp_path):
+    ckpt = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "their_pkg.Model"}}, ckpt)
+    proc = python_m_src(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "hf")], tmp_path)
+    assert proc.returncode != 0
+    assert "not a module of this project" in proc.stderr and "their_pkg.Model" in proc.stderr
+
+
+def test_ckpt_path_last_resumes_the_job_config_checkpoints(run_cli, tmp_path):
+    """The README's resume recipe in miniature: stop, then ``--ckpt_path last``: the uninterrupted run's losses."""
+    base = ["fit", "--config", "grpo.yaml", *FAST, *EVERY_3, "--model.init_args.micro_batch_size=8"]
+    first = run_cli([*base, "--trainer.max_steps=3", "--trainer.logger.init_args.version=first"])
+    assert (tmp_path / "runs/grpo/checkpoints/last.ckpt").exists() and first.trainer.global_step == 3
+    resumed = run_cli(
+        [*base, "--trainer.max_steps=6", "--trainer.logger.init_args.version=resumed", "--ckpt_path=last"]
+    )
+    full = run_cli([*base, "--trainer.max_steps=6", "--trainer.logger.init_args.version=full"])
+
+    def losses(cli):
+        return {
+            int(r["step"]): float(r["train/loss"])
+            for r in read_metrics(cli.trainer.logger.log_dir)
+            if r.get("train/loss")
+        }
+
+    got, ref = losses(resumed), losses(full)
+    assert resumed.trainer.global_step == 6 and sorted(got) == [3, 4, 5]
+    assert all(got[s] == pytest.approx(ref[s], abs=1e-6) for s in got)
+
+
+def test_bad_option_is_one_line(run_cli, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli(["fit", "--config", "dpo.yaml", "--model.init_args.beta=abc"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 3, err  # usage line, the --help tip, the error
+    assert err[-1].startswith("error:") and "beta" in err[-1] and "abc" in err[-1]
+
+
+def test_unimportable_reward_is_one_line(run_cli):
+    with pytest.raises(SystemExit) as e:
+        run_cli(["fit", "--config", "grpo.yaml", *FAST, "--model.init_args.reward_funcs=[nosuch.module.fn]"])
+    assert str(e.value).startswith("error: cannot import reward 'nosuch.module.fn'")
+    assert "\n" not in str(e.value)
+
+
+def test_missing_model_names_the_download_switch(run_cli):
+    with pytest.raises(SystemExit) as e:
+        run_cli(["fit", "--config", "dpo.yaml", *FAST, "--model.init_args.model_name_or_path=someone/no-such-model"])
+    assert "someone/no-such-model" in str(e.value) and "HF_HUB_OFFLINE=0" in str(e.value)
+
+
+def test_wandb_overlay_keeps_logs_under_the_job(run_cli, tmp_path):
+    cli = run_cli(["fit", "--config", "dpo.yaml", "--config", "logger/wandb.yaml", *FAST])
+    csv_dir, wandb = (Path(lg.log_dir if i == 0 else lg.save_dir) for i, lg in enumerate(cli.trainer.loggers))
+    assert csv_dir.parent == Path("runs/dpo") and wandb == Path("runs/dpo")
+    assert (tmp_path / "runs/dpo/wandb").is_dir()
+
+
+def test_fit_summary_lists_outputs_and_metrics_start_at_step_one(run_cli, caplog, tmp_path):
+    with caplog.at_level("INFO"):
+        cli = run_cli(["fit", "--config", "dpo.yaml", *FAST, *EVERY_3, "--trainer.log_every_n_steps=2"])
+    text = caplog.text
+    log_dir = cli.trainer.logger.log_dir
+    for line in ("Outputs:", f"metrics: {log_dir}/metrics.csv", f"config: {log_dir}/config.yaml", "last.ckpt"):
+        assert line in text, line
+    rows = read_metrics(log_dir)
+    first = [r for r in rows if r["step"] == "0" and r.get("train/loss")]
+    assert first and float(first[0]["train/loss"]) == pytest.approx(0.693147, abs=1e-5)  # step 1: ln 2
+    assert float(first[0]["train/rewards/accuracies"]) == 0.0
+
+
+def test_progress_bar_total_matches_max_steps(run_cli):
+    """PPO makes ppo_epochs × num_mini_batches = 3 optimizer steps per batch: 9 steps are 3 batches, not the
+    dataloader's length."""
+    cli = run_cli(["fit", "--config", "ppo.yaml", *FAST, "--trainer.max_steps=9", "--trainer.enable_progress_bar=true"])
+    bar = cli.trainer.progress_bar_callback
+    assert type(bar).__name__ == "StepsProgressBar" and bar.train_progress_bar.total == 3
