@@ -141,7 +141,7 @@ def test_user_data_path_trains_and_writes_csv(run_cli, tmp_path):
 
 def test_wandb_offline_run_has_metrics_and_config(run_cli, tmp_path):
     cli = run_cli(["fit", "--config", "dpo.yaml", "--config", "logger/wandb.yaml", *FAST])
-    runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb"))
+    runs = list((tmp_path / "runs" / "dpo" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     data = runs[0].read_bytes()  # protobuf records: keys and string values are stored as plain UTF-8
     for key in ("train/loss", "train/rewards/accuracies", "train/rewards/margins", "train/logps/chosen", "val/loss"):
