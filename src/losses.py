@@ -357,7 +357,7 @@ def dpo_loss(
     - ``ipo``: ``(h - 1/(2 beta))^2`` (Azar et al. 2023, Eq. 17). TRL feeds IPO length-averaged log-probs;
       that averaging is the caller's job.
     - ``exo_pair``: ``s(beta h)(log s(beta h) - log(1-eps)) + s(-beta h)(log s(-beta h) - log eps)`` with
-      ``eps = ls`` or 1e-3 when ``ls == 0`` (Ji et al. 2024, EXO, Eq. 16).
+      ``eps = ls``, which must be > 0 (Ji et al. 2024, EXO, Eq. 16; the paper uses 1e-3; TRL raises for 0 too).
     - ``nca_pair``: ``-log s(beta c) - 0.5 log s(-beta c) - 0.5 log s(-beta r)`` (Chen et al. 2024, NCA).
     - ``apo_zero``: ``1 - s(beta c) + s(beta r)``; ``apo_down``: ``s(beta c) + 1 - s(beta h)``
       (D'Oosterlinck et al. 2024, APO, Eqs. 7-8).
@@ -387,11 +387,13 @@ def dpo_loss(
     elif loss_type == "ipo":
         losses = (chosen - rejected - 1 / (2 * beta)) ** 2
     elif loss_type == "exo_pair":
-        eps = ls if ls > 0 else 1e-3
-        if not 0.0 < eps < 1.0:
-            raise ValueError(f"label_smoothing must lie in (0, 1) for loss_type='exo_pair', got {ls}")
-        losses = torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-eps)) + torch.sigmoid(-logits) * (
-            F.logsigmoid(-logits) - math.log(eps)
+        if not 0.0 < ls < 1.0:
+            raise ValueError(
+                f"label_smoothing must lie in (0, 1) for loss_type='exo_pair' (EXO's ε; the paper recommends 1e-3), "
+                f"got {ls}"
+            )
+        losses = torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-ls)) + torch.sigmoid(-logits) * (
+            F.logsigmoid(-logits) - math.log(ls)
         )
     elif loss_type == "nca_pair":
         c, r = beta * chosen, beta * rejected

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning import Callback, Trainer
 
 from src.data import AlignmentDataModule
 from src.data.tiny import generate_rows
@@ -44,7 +45,7 @@ def test_completion_logps_match_full_forward(pref_batch):
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_step0_loss_at_policy_equal_reference(pref_batch, loss_type):
     beta = 0.1
-    module = DPO(beta=beta, loss_type=loss_type)
+    module = DPO(beta=beta, loss_type=loss_type, label_smoothing=1e-3 if loss_type == "exo_pair" else 0.0)
     module.configure_model()
     loss, metrics = module.compute_loss(pref_batch)
     expected = {
@@ -186,3 +187,58 @@ def test_reference_from_a_separate_checkpoint(run_cli, tmp_path):
     )
     assert other[0] != pytest.approx(math.log(2), abs=1e-3)  # a different reference shifts the implicit rewards
     assert cli.model.ref_model is not None and not cli.model.ref_model.training
+
+
+class _ParamsAfterEachStep(Callback):
+    """The policy's parameters after each optimizer step, by global step (0: the initial policy)."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.by_step[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
+
+
+def test_tr_dpo_syncs_once_per_optimizer_step_under_gradient_accumulation():
+    # k = 2, α = 0.5, 2 micro-batches per optimizer step: the reference mixes in the policy after optimizer steps 2
+    # and 4 only, θ_ref = α θ_4 + (1 − α)(α θ_2 + (1 − α) θ_0), however many micro-batches each step has.
+    torch.manual_seed(0)
+    dm = AlignmentDataModule(kind="preference", tiny_rows=32, val_size=0, batch_size=2)
+    module = DPO(ref_model_sync_steps=2, ref_model_mixup_alpha=0.5)
+    params = _ParamsAfterEachStep()
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=5,
+        accumulate_grad_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[params],
+    )
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 5 and sorted(params.by_step) == [0, 1, 2, 3, 4, 5]
+    theta = params.by_step
+    a = 0.5
+    for name, ref in module.ref_model.named_parameters():
+        expected = a * theta[4][name] + (1 - a) * (a * theta[2][name] + (1 - a) * theta[0][name])
+        torch.testing.assert_close(ref, expected, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_precomputed_reference_cannot_be_synced():
+    with pytest.raises(ValueError, match=r"precompute_ref_logps.*ref_model_sync_steps"):
+        DPO(precompute_ref_logps=True, ref_model_sync_steps=4)
+
+
+def test_tr_dpo_needs_a_separate_reference():
+    with pytest.raises(ValueError, match=r"ref_model_sync_steps.*lora"):
+        DPO(ref_model_sync_steps=4, lora={"r": 4})
+    with pytest.raises(ValueError, match=r"ref_model_sync_steps.*simpo"):
+        DPO(ref_model_sync_steps=4, loss_type="simpo")
+
+
+def test_exo_pair_needs_label_smoothing():
+    # TRL raises for exo_pair with label_smoothing == 0 (the EXO paper's ε = 1e-3 must be set explicitly)
+    with pytest.raises(ValueError, match=r"label_smoothing.*exo_pair"):
+        DPO(loss_type="exo_pair")

@@ -244,7 +244,7 @@ def _dpo(loss_type, ls=0.0, pc=-10.0, pr=-12.0, rc=-11.0, rr=-11.0, beta=BETA):
         ("robust", 0.2, LN2),
         ("hinge", 0.0, 1.0),
         ("ipo", 0.0, 1 / (4 * BETA**2)),
-        ("exo_pair", 0.0, -LN2 - 0.5 * math.log(1e-3 * (1 - 1e-3))),
+        ("exo_pair", 1e-3, -LN2 - 0.5 * math.log(1e-3 * (1 - 1e-3))),
         ("exo_pair", 0.01, -LN2 - 0.5 * math.log(0.01 * 0.99)),
         ("nca_pair", 0.0, 2 * LN2),
         ("sppo_hard", 0.0, 0.5 / BETA**2),
@@ -272,7 +272,7 @@ def test_dpo_step0_identities(loss_type, ls, expected):
         ("ipo", 0.0, (2 - 5) ** 2),
         (
             "exo_pair",
-            0.0,
+            1e-3,
             sig(0.2) * (logsig(0.2) - math.log(0.999)) + sig(-0.2) * (logsig(-0.2) - math.log(0.001)),
         ),
         ("nca_pair", 0.0, -logsig(0.1) - 0.5 * logsig(-0.1) - 0.5 * logsig(0.1)),
@@ -292,7 +292,8 @@ def test_dpo_hand_values(loss_type, ls, expected):
 @pytest.mark.parametrize("loss_type", L.DPO_LOSS_TYPES)
 def test_dpo_gradient_pushes_chosen_up_rejected_down(loss_type):
     pc, pr = t([-10.0], requires_grad=True), t([-12.0], requires_grad=True)
-    losses, cr, _ = dpo_loss(pc, pr, t([-10.0]), t([-12.0]), beta=BETA, loss_type=loss_type)
+    ls = 1e-3 if loss_type == "exo_pair" else 0.0
+    losses, cr, _ = dpo_loss(pc, pr, t([-10.0]), t([-12.0]), beta=BETA, loss_type=loss_type, label_smoothing=ls)
     gc, gr = torch.autograd.grad(losses.sum(), (pc, pr))
     if loss_type == "apo_down":  # APO-down lowers both; at step 0 the chosen gradient is exactly 0
         close(gc, [0.0])
@@ -306,6 +307,8 @@ def test_dpo_bad_arguments():
         _dpo("kto")
     with pytest.raises(ValueError):
         _dpo("robust", ls=0.5)
+    with pytest.raises(ValueError, match="label_smoothing.*exo_pair"):  # ε = 0 is log 0: TRL raises as well
+        _dpo("exo_pair", ls=0.0)
 
 
 def test_simpo_loss():

@@ -6,6 +6,13 @@ log-prob is the sum of the completion tokens' log-probs (EOS included; prompt an
 ``src.losses.dpo_loss`` (sigmoid, robust, hinge, ipo, exo_pair, nca_pair, apo_zero, apo_down, sppo_hard) or
 ``src.losses.simpo_loss`` (reference-free). Reference log-probs come from a frozen copy of the initial policy, a
 separate checkpoint, the LoRA policy with its adapter disabled, or are precomputed once before training.
+
+Metrics (TRL's names): ``rewards/chosen``, ``rewards/rejected`` (``β·(log π − log π_ref)``), ``rewards/accuracies``,
+``rewards/margins``, ``logps/chosen``, ``logps/rejected``. One deliberate difference: with ``loss_type: ipo`` the
+rewards and log-probs are *length-averaged* (per token), where TRL logs the summed ones for every loss. IPO's loss is a
+regression of the length-averaged margin onto ``1/(2β)``, so logging the quantity the loss acts on makes
+``rewards/margins`` converge to ``1/2`` (and ``rewards/accuracies`` count the pairs the loss ranks correctly) instead of
+mixing in each pair's length difference.
 """
 
 from __future__ import annotations
@@ -59,7 +66,27 @@ class DPO(AlignmentModule):
         super().__init__(*args, **kwargs)
         if loss_type == "simpo":
             self.needs_reference = False
+        if ref_model_sync_steps:
+            # TR-DPO moves the reference: there must be one, of its own, whose log-probs are computed live.
+            if precompute_ref_logps:
+                raise ValueError(
+                    "precompute_ref_logps=True cannot be combined with ref_model_sync_steps > 0: TR-DPO updates the "
+                    "reference during training, so precomputed reference log-probs go stale (TRL refuses this too)"
+                )
+            if self.hparams.lora is not None:
+                raise ValueError(
+                    "ref_model_sync_steps > 0 cannot be combined with lora: the LoRA reference is the policy with "
+                    "its adapter disabled, so there is no separate reference to update"
+                )
+            if loss_type == "simpo":
+                raise ValueError("ref_model_sync_steps > 0 cannot be combined with loss_type='simpo' (no reference)")
+        if loss_type == "exo_pair" and label_smoothing == 0:
+            raise ValueError(
+                "label_smoothing must be > 0 for loss_type='exo_pair' (it is EXO's ε; the paper recommends 1e-3), "
+                "as in TRL"
+            )
         self.save_hyperparameters()
+        self._synced_step = 0  # TR-DPO: the global step of the last reference update
 
     # -- one concatenated forward ---------------------------------------------------------------------------------
     def pair_logps(self, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -127,13 +154,28 @@ class DPO(AlignmentModule):
         return loss, metrics
 
     # -- Lightning hooks ------------------------------------------------------------------------------------------
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        k = self.hparams.ref_model_sync_steps
-        if k and self.ref_model is not None and self.global_step % k == 0 and self.global_step > 0:
-            alpha = self.hparams.ref_model_mixup_alpha
-            with torch.no_grad():
-                for p_ref, p in zip(self.ref_model.parameters(), self.model.parameters()):
-                    p_ref.lerp_(p.detach().to(p_ref.dtype), alpha)
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self.sync_reference()
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit":
+            self.sync_reference()  # validation after optimizer step k sees the reference of step k, as in TRL
+
+    @torch.no_grad()
+    def sync_reference(self) -> None:
+        """TR-DPO: once after every ``ref_model_sync_steps``-th optimizer step, ``θ_ref ← α·θ + (1 − α)·θ_ref``.
+
+        Checked before each forward (every micro-batch) but keyed on the optimizer step count, so gradient
+        accumulation does not repeat it; the step of the last update is checkpointed so a resumed run does neither
+        miss nor repeat one (TRL: ``SyncRefModelCallback.on_step_end``, once per optimizer step)."""
+        k, step = self.hparams.ref_model_sync_steps, self.global_step
+        if not k or step == 0 or step % k or step == self._synced_step or self.ref_model is None:
+            return
+        alpha = self.hparams.ref_model_mixup_alpha
+        for p_ref, p in zip(self.ref_model.parameters(), self.model.parameters(), strict=True):
+            p_ref.lerp_(p.detach().to(p_ref.dtype), alpha)
+        self._synced_step = step
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -146,9 +188,8 @@ class DPO(AlignmentModule):
         dm = self.trainer.datamodule
         with torch.random.fork_rng(devices=[]):  # iterating a DataLoader draws a seed: keep the run's RNG stream
             self._precompute(dm)
-        if self.hparams.ref_model_sync_steps == 0:
-            self.set_reference(None)
-            self.needs_reference = False
+        self.set_reference(None)
+        self.needs_reference = False
 
     def _precompute(self, dm) -> None:
         for ds in (dm.train_set, dm.val_set):
@@ -172,7 +213,9 @@ class DPO(AlignmentModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.hparams.ref_model_sync_steps and self._ref is not None:
             checkpoint["ref_model_state_dict"] = self._ref.state_dict()
+            checkpoint["ref_model_synced_step"] = self._synced_step
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "ref_model_state_dict" in checkpoint and self._ref is not None:
             self._ref.load_state_dict(checkpoint["ref_model_state_dict"])
+            self._synced_step = checkpoint.get("ref_model_synced_step", 0)
