@@ -71,7 +71,8 @@ class DPO(AlignmentModule):
             log-ratios per token as TRL; ``sft`` is the NLL of the chosen completions.
         loss_weights: one weight per ``loss_type`` entry (default 1 each); the loss is ``Σ w_i · mean(loss_i)``
             (MPO, Wang et al. 2024: ``[sigmoid, bco_pair, sft]`` with ``[0.8, 0.2, 1.0]``).
-        label_smoothing: conservative DPO / robust DPO noise rate ε, EXO's ε (must be > 0), AOT's smoothing.
+        label_smoothing: conservative DPO / robust DPO noise rate ε (robust: in [0, 0.5), an error here where TRL
+            only warns), EXO's ε (must be > 0, as TRL), AOT's smoothing.
         simpo_gamma: SimPO target margin γ (``loss_type: simpo``).
         rpo_alpha: RPO (Pang et al. 2024): shorthand for appending ``sft`` with weight ``rpo_alpha``; ``None`` = off.
         f_divergence_type / f_alpha_divergence_coef: f-DPO (Wang et al. 2023): ``reverse_kl`` (DPO), ``forward_kl``,
