@@ -1,9 +1,7 @@
 # Cells of 04_dpo_and_grpo_losses.ipynb (built by _build.py). ("md" | "code", source)
 
 CELLS = [
-    (
-        "md",
-        r"""
+    ("md", r"""
 # 04 · DPO and GRPO losses, and the KL estimators behind them
 
 The last two algorithms of the notes remove pieces of the PPO machinery of notebook 03:
@@ -17,11 +15,8 @@ Everything is computed with the project's `src.losses` (`dpo_loss`, `group_advan
 `token_logps`). Where the notes' code differs — its GRPO has no completion mask, no KL term and no per-sequence
 length normalisation, and uses `F` without importing it — the notes' version is reproduced, clearly labelled, and
 compared numerically.
-""",
-    ),
-    (
-        "code",
-        r"""
+"""),
+    ("code", r"""
 %matplotlib inline
 import math
 import sys
@@ -43,11 +38,8 @@ from src.losses import dpo_loss, group_advantages, grpo_loss, kl_estimate, token
 
 torch.set_num_threads(1)
 torch.set_printoptions(precision=4, sci_mode=False)
-""",
-    ),
-    (
-        "md",
-        r"""
+"""),
+    ("md", r"""
 ## Part 1 · DPO
 
 From the notes: the RLHF objective "maximise reward, stay close to $\pi_\text{ref}$ (KL weight $\beta$)" has the
@@ -63,11 +55,8 @@ rewards $\beta c$ (chosen) and $\beta r$ (rejected).
 
 The notes' `DPOLoss` is correct; we check `src.losses.dpo_loss` against it (the library returns per-pair losses,
 the notes their mean), and the textbook fact that at $\pi_\theta = \pi_\text{ref}$ every pair costs $\ln 2$.
-""",
-    ),
-    (
-        "code",
-        r"""
+"""),
+    ("code", r"""
 # ---- the notes' DPOLoss, verbatim apart from translated comments ----
 class DPOLoss(nn.Module):
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0):
@@ -109,11 +98,8 @@ for beta in (0.01, 0.1, 1.0):
     assert torch.allclose(losses0, torch.full_like(losses0, math.log(2)), atol=1e-6)
     assert torch.all(c0 == 0) and torch.all(r0 == 0)
 print(f"at policy = reference: loss = {losses0[0]:.6f} = ln 2 = {math.log(2):.6f}")
-""",
-    ),
-    (
-        "md",
-        r"""
+"""),
+    ("md", r"""
 ### β and label smoothing
 
 * **β** sets how many nats of log-ratio margin it takes to saturate the sigmoid: the gradient with respect to the
@@ -124,11 +110,8 @@ print(f"at policy = reference: loss = {losses0[0]:.6f} = ln 2 = {math.log(2):.6f
   \varepsilon\log\sigma(-\beta h)$ is minimised at a *finite* margin $h^* = \frac1\beta \log\frac{1-\varepsilon}{\varepsilon}$ instead
   of pushing $h\to\infty$. The `robust` variant (rDPO) uses the same $\varepsilon$ differently: it is an unbiased
   estimate of the clean loss under label noise, and keeps pushing the margin up.
-""",
-    ),
-    (
-        "code",
-        r"""
+"""),
+    ("code", r"""
 h = torch.linspace(-40, 80, 1201, dtype=torch.float64, requires_grad=True)  # log-ratio margin c - r
 zeros = torch.zeros_like(h)
 
@@ -167,11 +150,8 @@ axes[1].set_ylim(-1, 6)
 axes[1].legend()
 plt.tight_layout()
 plt.show()
-""",
-    ),
-    (
-        "md",
-        r"""
+"""),
+    ("md", r"""
 ### The implicit reward *is* a reward model
 
 A tiny check of the derivation: one prompt, four possible responses, a reference policy, and a true reward $r(y)$.
@@ -180,11 +160,8 @@ pair $(y_i, y_j)$ is exactly `dpo_loss` with chosen $y_i$ and `label_smoothing` 
 probability the label goes the other way). Minimising it over a tabular policy must give implicit rewards
 $\beta\log\frac{\pi_\theta(y)}{\pi_\text{ref}(y)}$ equal to $r(y)$ up to a constant — and the policy must equal the
 RLHF optimum $\pi_\text{ref}\,e^{r/\beta}/Z$.
-""",
-    ),
-    (
-        "code",
-        r"""
+"""),
+    ("code", r"""
 beta = 0.1
 true_reward = torch.tensor([0.3, -0.2, 0.5, 0.0], dtype=torch.float64)
 ref_logp = torch.log_softmax(torch.tensor([0.5, 1.0, -0.5, 0.0], dtype=torch.float64), 0)
@@ -224,11 +201,8 @@ rlhf_optimum = torch.softmax(ref_logp + true_reward / beta, 0)
 print("DPO policy           :", logp.exp().numpy().round(4))
 print("pi_ref e^(r/beta) / Z:", rlhf_optimum.numpy().round(4))
 assert torch.allclose(logp.exp(), rlhf_optimum, atol=1e-4)
-""",
-    ),
-    (
-        "md",
-        r"""
+"""),
+    ("md", r"""
 ### The loss variants, on one plot
 
 `dpo_loss` implements TRL's pairwise variants. They differ in what they do with the margin: saturate (sigmoid,
@@ -237,11 +211,8 @@ To put them on one scale the plot uses $\beta = 1$ and splits the margin symmetr
 last four variants look at $c$ and $r$ separately, so their curves depend on that choice). With
 `label_smoothing=0`, `robust` coincides with `sigmoid`; `exo_pair` needs its $\varepsilon$ = `label_smoothing` > 0
 (the EXO paper's $10^{-3}$).
-""",
-    ),
-    (
-        "code",
-        r"""
+"""),
+    ("code", r"""
 LOSS_TYPES = ["sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "apo_zero", "apo_down", "sppo_hard"]
 x = torch.linspace(-4, 4, 401, dtype=torch.float64)
 z = torch.zeros_like(x)
@@ -263,11 +234,8 @@ ax.set_ylabel("loss")
 ax.set_title("dpo_loss variants")
 ax.legend(ncol=3, fontsize=8)
 plt.show()
-""",
-    ),
-    (
-        "md",
-        r"""
+"""),
+    ("md", r"""
 ## Part 2 · GRPO
 
 ### Group-relative advantages
@@ -279,11 +247,8 @@ high rewards raise the baseline and a hard prompt's best answer gets a negative 
 
 `group_advantages(rewards, group_size, scale=...)` always centres within the group; `scale` chooses the divisor:
 `"group"` (original GRPO), `"batch"` (std of the whole batch), `"none"` (Dr. GRPO).
-""",
-    ),
-    (
-        "code",
-        r"""
+"""),
+    ("code", r"""
 rewards = torch.tensor([0.9, 1.0, 0.8, 0.7,    # prompt A (easy): G = 4 completions
                         0.1, 0.4, 0.0, 0.1,    # prompt B (hard)
                         1.0, 1.0, 1.0, 1.0])   # prompt C: every completion gets the same reward
@@ -300,11 +265,8 @@ assert torch.allclose(adv.reshape(-1, G).sum(1), torch.zeros(3), atol=1e-5)  # c
 assert torch.all(adv[8:] == 0)  # identical rewards: no learning signal from prompt C (TRL logs frac_reward_zero_std)
 best_of_hard = 4 + rewards[4:8].argmax()
 assert adv[best_of_hard] > 0 and batch_whitened[best_of_hard] < 0  # the notes' point
-""",
-    ),
-    (
-        "md",
-        r"""
+"""),
+    ("md", r"""
 ### The GRPO loss and its four aggregations
 
 From the notes, the objective (to maximise) is
@@ -331,11 +293,8 @@ A toy batch: one prompt, $G = 4$ completions of lengths 2, 6, 3, 5, right-padded
 log-probabilities come from random "model" logits through the notes' `_get_per_token_logps` (which calls
 `F.log_softmax` — the notes never import `F`; we did above) and through `src.losses.token_logps`; they agree.
 On-policy, as in TRL's default of one optimisation step per generation batch: `old_logps = logps.detach()`.
-""",
-    ),
-    (
-        "code",
-        r"""
+"""),
+    ("code", r"""
 # ---- the notes' _get_per_token_logps, with the model call replaced by given logits (and without `self`) ----
 def notes_get_per_token_logps(logits, input_ids, logits_to_keep):
     completion_logits = logits[:, -(logits_to_keep + 1) : -1, :]  # logits predict the *next* token: shift by one
@@ -366,11 +325,8 @@ completion_rewards = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
 advantages = group_advantages(completion_rewards, G)
 print("mask:\n", mask)
 print("advantages:", advantages)
-""",
-    ),
-    (
-        "code",
-        r"""
+"""),
+    ("code", r"""
 BETA, L_MAX = 0.04, T
 n_real = mask.sum()
 kl_tok = kl_estimate(lib_logps, ref_logps, "k3")  # per-token k3; at ratio 1 the surrogate is just -A
@@ -400,20 +356,14 @@ expected_weights = {"grpo": 1 / (B * lengths.double()), "bnpo": ones / n_real, "
                     "dapo": ones / n_real}
 for loss_type, w in expected_weights.items():
     assert torch.allclose(weights[loss_type], w, atol=1e-12), loss_type
-""",
-    ),
-    (
-        "md",
-        r"""
+"""),
+    ("md", r"""
 Why `dapo` has a `num_items` argument: with gradient accumulation (or several GPUs) a step sees several
 micro-batches. Averaging per micro-batch token means (`bnpo` on each) weights the tokens of a small micro-batch
 more; dividing each micro-batch's token *sum* by the token count of the whole step (`dapo` with `num_items`) gives
 exactly the token mean of the full batch.
-""",
-    ),
-    (
-        "code",
-        r"""
+"""),
+    ("code", r"""
 halves = [slice(0, 1), slice(1, 4)]  # two micro-batches: 2 tokens and 14 tokens
 kw = dict(beta=BETA, max_completion_length=L_MAX)
 full_token_mean = grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type="bnpo", **kw)[0]
@@ -425,11 +375,8 @@ print(f"token mean of the full batch: {full_token_mean:.5f}   dapo accumulated: 
       f"mean of per-micro-batch bnpo: {averaged_bnpo:.5f}")
 assert torch.allclose(accumulated_dapo, full_token_mean, atol=1e-10)
 assert not torch.allclose(averaged_bnpo, full_token_mean, atol=1e-3)
-""",
-    ),
-    (
-        "md",
-        r"""
+"""),
+    ("md", r"""
 ### The notes' GRPO loss — the WRONG version, for comparison
 
 Reproduced below from the notes' `compute_grpo_loss` (inputs passed directly instead of through `self` and a
@@ -442,11 +389,8 @@ model). It has three problems, and calls the *ratio* $w = e^{\log\pi - \log\pi_\
    $\frac1G\sum_i\frac1{|o_i|}\sum_t$ written in the notes.
 
 We fix them one at a time and land on `grpo_loss(loss_type="grpo")`.
-""",
-    ),
-    (
-        "code",
-        r"""
+"""),
+    ("code", r"""
 def notes_compute_grpo_loss_WRONG(per_token_logps, old_per_token_logps, advantages, clip_eps=0.2):
     # WRONG, reproduced from the notes: no completion mask, no KL term, no per-sequence length normalisation
     log_ratios1 = torch.exp(per_token_logps - old_per_token_logps)  # misnamed: this is the ratio, not a log-ratio
@@ -490,20 +434,14 @@ assert grads["notes (wrong)"][mask == 0].abs().sum() > 0  # padding gets gradien
 assert torch.all(grads["+ KL term"][mask == 0] == 0)
 # on real tokens the notes' flat mean weights every token by 1/(B*T): Dr. GRPO's constant, not 1/(B*|o_i|)
 assert torch.allclose(grads["notes (wrong)"][mask == 1], torch.autograd.grad(lib("dr_grpo", 0.0), logps)[0][mask == 1])
-""",
-    ),
-    (
-        "md",
-        r"""
+"""),
+    ("md", r"""
 On-policy, the surrogate's *value* is $-\frac1B\sum_i \hat A_i = 0$ both for the notes' version and for the fixed
 `grpo` loss (the advantages of a group sum to zero), which is why GRPO loss curves start near 0 and are not a
 progress signal — the information is in the gradient. The gradient per token, by completion, under each
 aggregation (and the notes' version, which also hands gradient to the pad positions):
-""",
-    ),
-    (
-        "code",
-        r"""
+"""),
+    ("code", r"""
 fig, ax = plt.subplots(figsize=(8, 3.6))
 names = ["grpo", "bnpo", "dr_grpo", "dapo"]
 width = 0.16
@@ -520,11 +458,8 @@ ax.set_ylabel(r"per-token gradient weight ($|\partial L / \partial \log\pi| / |A
 ax.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
-""",
-    ),
-    (
-        "md",
-        r"""
+"""),
+    ("md", r"""
 ## Part 3 · KL estimators
 
 GRPO's KL term (and PPO's KL reward penalty) needs $D_\text{KL}[\pi_\theta\Vert\pi_\text{ref}] = \mathbb{E}_{y\sim\pi_\theta}\big[\log\frac{\pi_\theta(y)}{\pi_\text{ref}(y)}\big]$
@@ -540,11 +475,8 @@ sampled token alone (Schulman 2020). With $d = \log\pi_\text{ref}(y) - \log\pi_\
 Check with two categorical distributions over 10 tokens, exact KL against 200,000 samples. In the figure below,
 left: the three estimators as functions of $d$, with the ten tokens as dots (size $\propto \pi_\theta(y)$); middle
 and right: bias and spread as the reference moves further away.
-""",
-    ),
-    (
-        "code",
-        r"""
+"""),
+    ("code", r"""
 g = torch.Generator().manual_seed(0)
 V = 10
 z, noise = torch.randn(V, generator=g, dtype=torch.float64), torch.randn(V, generator=g, dtype=torch.float64)
@@ -569,11 +501,8 @@ for kind in ("k1", "k3"):  # unbiased: within 4 standard errors of the exact KL
 assert abs(samples["k2"].mean() - exact) > 10 * samples["k2"].std() / len(samples["k2"]) ** 0.5  # k2 is biased here
 assert torch.all(samples["k3"] >= 0) and (samples["k1"] < 0).any()
 assert samples["k3"].var() < samples["k1"].var() / 4
-""",
-    ),
-    (
-        "code",
-        r"""
+"""),
+    ("code", r"""
 scales = [0.1, 0.2, 0.5, 1.0, 1.5, 2.0, 3.0]
 table = {kind: {"bias": [], "std": []} for kind in ("k1", "k2", "k3")}
 exacts = []
@@ -609,11 +538,8 @@ for ax in axes[1:]:
     ax.legend()
 plt.tight_layout()
 plt.show()
-""",
-    ),
-    (
-        "md",
-        r"""
+"""),
+    ("md", r"""
 ## Takeaways
 
 * DPO is a logistic loss on the margin of implicit rewards $\beta\log\frac{\pi_\theta}{\pi_\text{ref}}$; it starts at
@@ -625,6 +551,5 @@ plt.show()
   implements the formula and its variants.
 * $k_3$ is the KL estimator to use per token: unbiased, non-negative, low variance; $k_2$ is biased once the
   policy moves far from the reference.
-""",
-    ),
+"""),
 ]
