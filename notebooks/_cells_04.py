@@ -209,7 +209,8 @@ assert torch.allclose(logp.exp(), rlhf_optimum, atol=1e-4)
 cDPO), stop at a margin (hinge, IPO), regress the chosen and rejected log-ratios separately (NCA, APO, SPPO), ...
 To put them on one scale the plot uses $\beta = 1$ and splits the margin symmetrically, $c = h/2$, $r = -h/2$ (the
 last four variants look at $c$ and $r$ separately, so their curves depend on that choice). With
-`label_smoothing=0`, `robust` coincides with `sigmoid`.
+`label_smoothing=0`, `robust` coincides with `sigmoid`; `exo_pair` needs its $\varepsilon$ = `label_smoothing` > 0
+(the EXO paper's $10^{-3}$).
 """),
     ("code", r"""
 LOSS_TYPES = ["sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "apo_zero", "apo_down", "sppo_hard"]
@@ -218,7 +219,8 @@ z = torch.zeros_like(x)
 fig, ax = plt.subplots(figsize=(8, 4.5))
 curves = {}
 for loss_type in LOSS_TYPES:
-    curves[loss_type], _, _ = dpo_loss(x / 2, -x / 2, z, z, beta=1.0, loss_type=loss_type)
+    ls = 1e-3 if loss_type == "exo_pair" else 0.0  # EXO's ε must be > 0 (the paper's 1e-3)
+    curves[loss_type], _, _ = dpo_loss(x / 2, -x / 2, z, z, beta=1.0, loss_type=loss_type, label_smoothing=ls)
     ax.plot(x, curves[loss_type], ls="--" if loss_type == "robust" else "-", label=loss_type)
 assert torch.allclose(curves["robust"], curves["sigmoid"])  # identical without label smoothing
 assert torch.allclose(curves["hinge"], torch.relu(1 - x))

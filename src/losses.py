@@ -20,30 +20,58 @@ from torch import Tensor
 
 __all__ = [
     "DPO_LOSS_TYPES",
+    "F_DIVERGENCES",
+    "F_DIVERGENCE_LOSS_TYPES",
     "GRPO_LOSS_TYPES",
     "KL_ESTIMATORS",
+    "LENGTH_NORMALISED_LOSS_TYPES",
     "adaptive_kl_update",
     "bradley_terry_loss",
     "dpo_loss",
     "entropy_from_logits",
+    "f_divergence_score",
     "gae",
     "group_advantages",
     "grpo_loss",
     "kl_estimate",
     "kl_penalized_rewards",
+    "ld_dpo_logps",
+    "log_sum_sq_probs",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "nll_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
     "rloo_advantages",
     "simpo_loss",
     "token_logps",
     "token_logps_and_entropy",
+    "wpo_weights",
 ]
 
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "apo_zero", "apo_down", "sppo_hard")
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "robust",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "apo_zero",
+    "apo_down",
+    "sppo_hard",
+    "bco_pair",
+    "aot",
+    "aot_unpaired",
+    "discopop",
+    "sigmoid_norm",
+)
+LENGTH_NORMALISED_LOSS_TYPES = ("ipo", "sigmoid_norm")  # dpo_loss divides their scores by the completion lengths
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# The losses of the chosen-rejected score difference alone: the f-DPO reparameterisation leaves a beta log Z(x) term
+# that cancels only there (TRL's list; "sft" does not use the scores at all).
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -335,6 +363,34 @@ def adaptive_kl_update(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def f_divergence_score(logratio: Tensor, f_divergence_type: str = "reverse_kl", alpha: float = 0.5) -> Tensor:
+    """``f'(u)`` at ``u = pi/pi_ref``, from ``log u``: the per-sequence score f-DPO puts in place of the log-ratio
+    (Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence
+    Constraints", arXiv:2309.16240), as TRL 1.16 computes it:
+
+    - ``reverse_kl``: ``log u`` (DPO);
+    - ``forward_kl``: ``1 - 1/u = 1 - exp(-log u)``;
+    - ``js_divergence``: ``log(2u / (1 + u)) = log 2 + log s(log u)``;
+    - ``alpha_divergence``: ``(u^(alpha-1) - 1) / (alpha - 1)`` (``alpha`` = TRL's ``f_alpha_divergence_coef``;
+      ``log u`` when ``|alpha - 1| < 1e-6``). ``(alpha-1) log u`` is clamped at 80 (11 in fp16) before ``exp`` and
+      computed in float32 for fp16/bf16 inputs, as in TRL.
+    """
+    if f_divergence_type == "reverse_kl":
+        return logratio
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-logratio)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratio)
+    if f_divergence_type == "alpha_divergence":
+        if abs(alpha - 1.0) < 1e-6:
+            return logratio
+        x = (alpha - 1.0) * logratio
+        x = x.float() if x.dtype in _LOW_PRECISION else x
+        x = x.clamp(max=11.0 if logratio.dtype == torch.float16 else 80.0)
+        return torch.expm1(x).to(logratio.dtype) / (alpha - 1.0)
+    raise ValueError(f"Unknown f_divergence_type {f_divergence_type!r}; expected one of {F_DIVERGENCES}")
+
+
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -344,39 +400,71 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Direct Preference Optimization and its pairwise variants, per pair, with TRL's definitions.
+    """Direct Preference Optimization and its pairwise variants, per pair, with TRL 1.16's definitions.
 
-    Let ``c = log pi(y_w) - log pi_ref(y_w)``, ``r = log pi(y_l) - log pi_ref(y_l)``, ``h = c - r`` and
-    ``ls = label_smoothing``:
+    Let ``c = log pi(y_w) - log pi_ref(y_w)``, ``r = log pi(y_l) - log pi_ref(y_l)``, ``ls = label_smoothing``, and
+    ``h = f(c) - f(r)`` with ``f`` = :func:`f_divergence_score` (f-DPO; ``f(u) = u`` for the default ``reverse_kl``,
+    which only the losses marked * accept otherwise):
 
-    - ``sigmoid``: ``-(1-ls) log s(beta h) - ls log s(-beta h)``; DPO (Rafailov et al. 2023), with ``ls > 0`` the
-      conservative cDPO variant (Mitchell 2023).
-    - ``robust``: ``(-(1-ls) log s(beta h) + ls log s(-beta h)) / (1 - 2 ls)`` (Chowdhury et al. 2024, rDPO).
-    - ``hinge``: ``relu(1 - beta h)`` (SLiC, Zhao et al. 2023).
-    - ``ipo``: ``(h - 1/(2 beta))^2`` (Azar et al. 2023, Eq. 17). TRL feeds IPO length-averaged log-probs;
-      that averaging is the caller's job.
-    - ``exo_pair``: ``s(beta h)(log s(beta h) - log(1-eps)) + s(-beta h)(log s(-beta h) - log eps)`` with
-      ``eps = ls`` or 1e-3 when ``ls == 0`` (Ji et al. 2024, EXO, Eq. 16).
+    - ``sigmoid`` *: ``-(1-ls) log s(beta h) - ls log s(-beta h)``; DPO (Rafailov et al. 2023), with ``ls > 0`` the
+      conservative cDPO variant (Mitchell 2023; TRL 1.16's sigmoid has no ``ls``).
+    - ``robust`` *: ``(-(1-ls) log s(beta h) + ls log s(-beta h)) / (1 - 2 ls)`` (Chowdhury et al. 2024, rDPO).
+    - ``hinge`` *: ``relu(1 - beta h)`` (SLiC, Zhao et al. 2023).
+    - ``ipo`` *: ``(h - 1/(2 beta))^2`` on length-averaged scores ``f(c)/|y_w| - f(r)/|y_l|`` (Azar et al. 2023,
+      Eq. 17; the averaging is TRL's, confirmed with the IPO authors).
+    - ``exo_pair`` *: ``s(beta h)(log s(beta h) - log(1-eps)) + s(-beta h)(log s(-beta h) - log eps)`` with
+      ``eps = ls``, which must be > 0 (Ji et al. 2024, EXO, Eq. 16; the paper uses 1e-3; TRL raises for 0 too).
     - ``nca_pair``: ``-log s(beta c) - 0.5 log s(-beta c) - 0.5 log s(-beta r)`` (Chen et al. 2024, NCA).
-    - ``apo_zero``: ``1 - s(beta c) + s(beta r)``; ``apo_down``: ``s(beta c) + 1 - s(beta h)``
+    - ``apo_zero``: ``1 - s(beta c) + s(beta r)``; ``apo_down``: ``s(beta c) + 1 - s(beta (c - r))``
       (D'Oosterlinck et al. 2024, APO, Eqs. 7-8).
     - ``sppo_hard``: ``(c - 1/(2 beta))^2 + (r + 1/(2 beta))^2`` (Wu et al. 2024, SPPO with hard labels).
+    - ``bco_pair``: ``-log s(beta c) - log s(-beta r)`` (Jung et al. 2024, BCO, as TRL: without BCO's running
+      reward shift delta).
+    - ``aot``: ``-(1-ls) log s(beta d) - ls log s(-beta d)`` with ``d = sort(log pi(y_w) - log pi(y_l)) -
+      sort(log pi_ref(y_w) - log pi_ref(y_l))``, sorted over the batch (Melnyk et al. 2024, AOT, paired);
+      ``aot_unpaired``: the same with ``d = sort(c) - sort(r)`` (AOT, unpaired). Both couple the pairs of a
+      batch (per micro-batch and per rank, as TRL per device), so a per-pair value means nothing on its own.
+    - ``discopop`` *: ``(1 - m) (-log s(beta h)) + m exp(-beta h)`` with ``m = s(beta h / tau)`` (Lu et al. 2024,
+      DiscoPOP / LRML, Eq. 5; ``tau = discopop_tau``). ``m exp(-beta h)`` is evaluated as
+      ``exp(log s(beta h / tau) - beta h)``, which does not overflow to ``inf * 0``.
+    - ``sigmoid_norm`` *: ``-log s(beta (f(c)/|y_w| - f(r)/|y_l|))``, length-normalised DPO (Lambert et al. 2024,
+      Tulu 3).
 
-    ``s`` is the logistic sigmoid. All log-prob inputs are ``[B]`` sequence log-probabilities.
+    ``s`` is the logistic sigmoid. All log-prob inputs are ``[B]`` sequence log-probabilities (summed over the
+    completion tokens). The length-normalised losses (``ipo``, ``sigmoid_norm``) divide by ``chosen_lengths`` /
+    ``rejected_lengths`` (completion token counts, clamped to >= 1); without them they take their inputs as given, so
+    a caller may also pass length-averaged log-probs.
 
     Returns:
-        ``(losses [B], chosen_rewards [B], rejected_rewards [B])`` with rewards ``beta * c`` and ``beta * r``
-        (detached).
+        ``(losses [B], chosen_rewards [B], rejected_rewards [B])``, rewards ``beta * c`` and ``beta * r``
+        (detached); per token (``beta * c / |y_w|``) for the length-normalised losses when lengths are given.
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"Unknown DPO loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
+    if f_divergence_type != "reverse_kl" and loss_type not in F_DIVERGENCE_LOSS_TYPES:
+        raise ValueError(
+            f"f_divergence_type={f_divergence_type!r} is not defined for loss_type={loss_type!r} (only for "
+            f"{F_DIVERGENCE_LOSS_TYPES}, whose loss depends on the chosen-rejected score difference alone, as in TRL)"
+        )
     chosen = policy_chosen_logps - ref_chosen_logps
     rejected = policy_rejected_logps - ref_rejected_logps
-    logits = beta * (chosen - rejected)
+    chosen_s = f_divergence_score(chosen, f_divergence_type, f_alpha_divergence_coef)
+    rejected_s = f_divergence_score(rejected, f_divergence_type, f_alpha_divergence_coef)
+    if loss_type in LENGTH_NORMALISED_LOSS_TYPES and chosen_lengths is not None and rejected_lengths is not None:
+        chosen_len = chosen_lengths.to(chosen.dtype).clamp(min=1)
+        rejected_len = rejected_lengths.to(rejected.dtype).clamp(min=1)
+        chosen, rejected = chosen / chosen_len, rejected / rejected_len  # the rewards the loss compares
+        chosen_s, rejected_s = chosen_s / chosen_len, rejected_s / rejected_len
+    logits = beta * (chosen_s - rejected_s)
     ls = label_smoothing
 
-    if loss_type == "sigmoid":
+    if loss_type in ("sigmoid", "sigmoid_norm"):
         losses = -(1 - ls) * F.logsigmoid(logits) - ls * F.logsigmoid(-logits)
     elif loss_type == "robust":
         if not 0.0 <= ls < 0.5:
@@ -385,13 +473,15 @@ def dpo_loss(
     elif loss_type == "hinge":
         losses = torch.relu(1 - logits)
     elif loss_type == "ipo":
-        losses = (chosen - rejected - 1 / (2 * beta)) ** 2
+        losses = (chosen_s - rejected_s - 1 / (2 * beta)) ** 2
     elif loss_type == "exo_pair":
-        eps = ls if ls > 0 else 1e-3
-        if not 0.0 < eps < 1.0:
-            raise ValueError(f"label_smoothing must lie in (0, 1) for loss_type='exo_pair', got {ls}")
-        losses = torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-eps)) + torch.sigmoid(-logits) * (
-            F.logsigmoid(-logits) - math.log(eps)
+        if not 0.0 < ls < 1.0:
+            raise ValueError(
+                f"label_smoothing must lie in (0, 1) for loss_type='exo_pair' (EXO's ε; the paper recommends 1e-3), "
+                f"got {ls}"
+            )
+        losses = torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-ls)) + torch.sigmoid(-logits) * (
+            F.logsigmoid(-logits) - math.log(ls)
         )
     elif loss_type == "nca_pair":
         c, r = beta * chosen, beta * rejected
@@ -399,9 +489,24 @@ def dpo_loss(
     elif loss_type == "apo_zero":
         losses = 1 - torch.sigmoid(beta * chosen) + torch.sigmoid(beta * rejected)
     elif loss_type == "apo_down":
-        losses = torch.sigmoid(beta * chosen) + 1 - torch.sigmoid(logits)
-    else:  # sppo_hard
+        losses = torch.sigmoid(beta * chosen) + 1 - torch.sigmoid(beta * (chosen - rejected))
+    elif loss_type == "sppo_hard":
         losses = (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
+    elif loss_type == "bco_pair":
+        losses = -F.logsigmoid(beta * chosen) - F.logsigmoid(-beta * rejected)
+    elif loss_type in ("aot", "aot_unpaired"):
+        if loss_type == "aot":
+            policy = torch.sort(policy_chosen_logps - policy_rejected_logps, dim=0).values
+            delta = policy - torch.sort(ref_chosen_logps - ref_rejected_logps, dim=0).values
+        else:
+            delta = torch.sort(chosen, dim=0).values - torch.sort(rejected, dim=0).values
+        losses = -(1 - ls) * F.logsigmoid(beta * delta) - ls * F.logsigmoid(-beta * delta)
+    else:  # discopop
+        if discopop_tau <= 0:
+            raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
+        losses = -F.logsigmoid(logits) * torch.sigmoid(-logits / discopop_tau) + torch.exp(
+            F.logsigmoid(logits / discopop_tau) - logits
+        )
 
     return losses, (beta * chosen).detach(), (beta * rejected).detach()
 
@@ -434,6 +539,83 @@ def simpo_loss(
     u = beta * (chosen_avg - rejected_avg) - gamma
     losses = -(1 - label_smoothing) * F.logsigmoid(u) - label_smoothing * F.logsigmoid(-u)
     return losses, (beta * chosen_avg).detach(), (beta * rejected_avg).detach()
+
+
+def nll_loss(token_logps: Tensor, mask: Tensor) -> Tensor:
+    """Negative log-likelihood per completion token over the whole batch: ``-sum_bt m log p / sum_bt m`` (0 for an
+    empty mask). TRL's ``loss_type: sft`` on the chosen completions, i.e. RPO's NLL term (Pang et al. 2024,
+    "Iterative Reasoning Preference Optimization") and MPO's generation loss (Wang et al. 2024).
+
+    Args:
+        token_logps, mask: ``[B, T]`` log-probs of the chosen completions' tokens and their mask.
+
+    Returns:
+        A scalar.
+    """
+    return -masked_sum(token_logps, mask) / _mask_like(token_logps, mask).sum().clamp(min=1).to(token_logps.dtype)
+
+
+def ld_dpo_logps(
+    chosen_token_logps: Tensor, rejected_token_logps: Tensor, chosen_mask: Tensor, rejected_mask: Tensor, alpha: float
+) -> tuple[Tensor, Tensor]:
+    """LD-DPO sequence log-probs (Liu et al. 2024, "Length Desensitization in Direct Preference Optimization",
+    arXiv:2409.06411): with ``l = min(|y_w|, |y_l|)`` completion tokens shared by the pair,
+    ``log pi_ld(y) = sum_{t <= l} log p(y_t) + alpha sum_{t > l} log p(y_t)``: the verbose tail past the shorter
+    completion's length is down-weighted by ``alpha`` in [0, 1] (1 = plain DPO, 0 = masked). As TRL's ``ld_alpha``.
+
+    Args:
+        chosen_token_logps, rejected_token_logps: ``[B, T]`` per-token log-probs; ``t`` counts masked tokens only.
+        chosen_mask, rejected_mask: ``[B, T]`` completion masks.
+
+    Returns:
+        ``(chosen [B], rejected [B])``.
+    """
+    cm, rm = _mask_like(chosen_token_logps, chosen_mask), _mask_like(rejected_token_logps, rejected_mask)
+    shared = torch.minimum(cm.sum(-1), rm.sum(-1)).unsqueeze(-1)
+
+    def weighted(x: Tensor, m: Tensor) -> Tensor:
+        head = m & (m.long().cumsum(-1) <= shared)
+        return _zero_fill(x, head).sum(-1) + alpha * _zero_fill(x, m & ~head).sum(-1)
+
+    return weighted(chosen_token_logps, cm), weighted(rejected_token_logps, rm)
+
+
+@torch.no_grad()
+def log_sum_sq_probs(logits: Tensor) -> Tensor:
+    """``log sum_v p_v^2`` of ``p = softmax(logits)`` at each position, ``logsumexp(2 z) - 2 logsumexp(z)``, chunked
+    over the leading dimension, no gradient (WPO's per-token normaliser; TRL's fused LM head output of that name).
+
+    Args:
+        logits: ``[..., V]``.
+
+    Returns:
+        ``[...]`` (float32 for fp16/bf16 logits).
+    """
+    if logits.dim() == 1:
+        return log_sum_sq_probs(logits.unsqueeze(0)).squeeze(0)
+    dtype = _compute_dtype(logits.dtype)
+    parts = []
+    for s, e in _row_chunks(logits):
+        z = logits[s:e].to(dtype)
+        parts.append(torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1))
+    return torch.cat(parts, dim=0) if parts else logits.new_zeros(logits.shape[:-1], dtype=dtype)
+
+
+def wpo_weights(token_logps: Tensor, log_sum_sq: Tensor, mask: Tensor) -> Tensor:
+    """WPO sequence weights (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization", Eq. 2
+    with the sampling-aligned per-token probability of Sec. 3.2), as TRL's ``use_weighting``:
+    ``w(y) = exp(1/|y| sum_t (log p(y_t) - log sum_v p(v)^2))``, detached. A pair's loss is multiplied by
+    ``w(y_w) w(y_l)``.
+
+    Args:
+        token_logps: ``[B, T]`` policy log-probs of the completion tokens.
+        log_sum_sq: ``[B, T]`` :func:`log_sum_sq_probs` of the policy at the same positions.
+        mask: ``[B, T]`` completion mask.
+
+    Returns:
+        ``[B]`` weights (1 for an empty completion).
+    """
+    return torch.exp(masked_mean((token_logps - log_sum_sq).detach(), mask, dim=-1))
 
 
 def bradley_terry_loss(

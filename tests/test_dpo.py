@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning import Callback, Trainer
 
 from src.data import AlignmentDataModule
 from src.data.tiny import generate_rows
@@ -44,7 +45,7 @@ def test_completion_logps_match_full_forward(pref_batch):
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_step0_loss_at_policy_equal_reference(pref_batch, loss_type):
     beta = 0.1
-    module = DPO(beta=beta, loss_type=loss_type)
+    module = DPO(beta=beta, loss_type=loss_type, label_smoothing=1e-3 if loss_type == "exo_pair" else 0.0)
     module.configure_model()
     loss, metrics = module.compute_loss(pref_batch)
     expected = {
@@ -186,3 +187,185 @@ def test_reference_from_a_separate_checkpoint(run_cli, tmp_path):
     )
     assert other[0] != pytest.approx(math.log(2), abs=1e-3)  # a different reference shifts the implicit rewards
     assert cli.model.ref_model is not None and not cli.model.ref_model.training
+
+
+class _ParamsAfterEachStep(Callback):
+    """The policy's parameters after each optimizer step, by global step (0: the initial policy)."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.by_step[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
+
+
+def test_tr_dpo_syncs_once_per_optimizer_step_under_gradient_accumulation():
+    # k = 2, α = 0.5, 2 micro-batches per optimizer step: the reference mixes in the policy after optimizer steps 2
+    # and 4 only, θ_ref = α θ_4 + (1 − α)(α θ_2 + (1 − α) θ_0), however many micro-batches each step has.
+    torch.manual_seed(0)
+    dm = AlignmentDataModule(kind="preference", tiny_rows=32, val_size=0, batch_size=2)
+    module = DPO(ref_model_sync_steps=2, ref_model_mixup_alpha=0.5)
+    params = _ParamsAfterEachStep()
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=5,
+        accumulate_grad_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[params],
+    )
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 5 and sorted(params.by_step) == [0, 1, 2, 3, 4, 5]
+    theta = params.by_step
+    a = 0.5
+    for name, ref in module.ref_model.named_parameters():
+        expected = a * theta[4][name] + (1 - a) * (a * theta[2][name] + (1 - a) * theta[0][name])
+        torch.testing.assert_close(ref, expected, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_precomputed_reference_cannot_be_synced():
+    with pytest.raises(ValueError, match=r"precompute_ref_logps.*ref_model_sync_steps"):
+        DPO(precompute_ref_logps=True, ref_model_sync_steps=4)
+
+
+def test_tr_dpo_needs_a_separate_reference():
+    with pytest.raises(ValueError, match=r"ref_model_sync_steps.*lora"):
+        DPO(ref_model_sync_steps=4, lora={"r": 4})
+    with pytest.raises(ValueError, match=r"ref_model_sync_steps.*simpo"):
+        DPO(ref_model_sync_steps=4, loss_type="simpo")
+
+
+def test_exo_pair_needs_label_smoothing():
+    # TRL raises for exo_pair with label_smoothing == 0 (the EXO paper's ε = 1e-3 must be set explicitly)
+    with pytest.raises(ValueError, match=r"label_smoothing.*exo_pair"):
+        DPO(loss_type="exo_pair")
+
+
+@pytest.mark.parametrize(
+    "loss_type,expected",
+    [
+        ("bco_pair", 2 * math.log(2)),
+        ("aot", math.log(2)),
+        ("aot_unpaired", math.log(2)),
+        ("discopop", 0.5 * math.log(2) + 0.5),  # (1 − s(0)) ln 2 + s(0) e^0
+        ("sigmoid_norm", math.log(2)),
+        ("sft", None),  # the NLL of the chosen completions alone
+    ],
+)
+def test_step0_loss_of_the_new_loss_types(pref_batch, loss_type, expected):
+    module = DPO(loss_type=loss_type)
+    module.configure_model()
+    loss, metrics = module.compute_loss(pref_batch)
+    if expected is None:
+        expected = metrics["nll_loss"][0].item()
+        assert expected > 0
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert torch.all(metrics["rewards/margins"] == 0)
+
+
+def test_rpo_alpha_is_an_sft_term(pref_batch):
+    torch.manual_seed(0)
+    rpo = DPO(rpo_alpha=0.7)
+    rpo.configure_model()
+    assert rpo.loss_terms == (("sigmoid", 1.0), ("sft", 0.7))
+    mpo = DPO(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7])
+    mpo.configure_model()
+    mpo.model.load_state_dict(rpo.model.state_dict())
+    mpo.set_reference(rpo.ref_model)
+    grads = []
+    for module in (rpo, mpo):
+        loss, metrics = module.compute_loss(pref_batch)
+        assert loss.item() == pytest.approx(math.log(2) + 0.7 * metrics["nll_loss"][0].item(), rel=1e-6)
+        grads.append(torch.autograd.grad(loss, list(module.model.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_weighted_loss_list_is_the_weighted_sum_of_its_terms(pref_batch):
+    torch.manual_seed(0)
+    mix = DPO(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])  # MPO's recipe
+    mix.configure_model()
+    with torch.no_grad():  # move the policy off the reference so that every term is non-trivial
+        for p in mix.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    total, metrics = mix.compute_loss(pref_batch)
+    parts = {}
+    for loss_type in ("sigmoid", "bco_pair", "sft"):
+        one = DPO(loss_type=loss_type)
+        one.model, one._ref = mix.model, mix.ref_model
+        parts[loss_type] = one.compute_loss(pref_batch)[0].item()
+    assert total.item() == pytest.approx(0.8 * parts["sigmoid"] + 0.2 * parts["bco_pair"] + parts["sft"], rel=1e-6)
+    assert metrics["nll_loss"][0].item() == pytest.approx(parts["sft"], rel=1e-6)
+
+
+def test_wpo_scores_with_one_forward_and_the_full_distribution(pref_batch):
+    torch.manual_seed(0)
+    module = DPO(use_weighting=True)
+    module.configure_model()
+    logps, log_sum_sq = module.policy_token_logps(pref_batch)
+    torch.testing.assert_close(logps, module.policy_logps(pref_batch)[0])
+    ids, attn, mask = pref_batch["input_ids"], pref_batch["attention_mask"], pref_batch["completion_mask"]
+    with torch.no_grad():
+        full = torch.log_softmax(module.model(input_ids=ids, attention_mask=attn).logits[:, :-1].double(), -1)
+    expected = torch.logsumexp(2 * full, -1)[mask[:, 1:].bool()]  # log Σ_v p_v² at the completion positions
+    torch.testing.assert_close(log_sum_sq[:, 1:][mask[:, 1:].bool()].double(), expected, atol=1e-5, rtol=1e-5)
+    assert (log_sum_sq[mask == 0] == 0).all()
+    loss, _ = module.compute_loss(pref_batch)
+    assert 0 < loss.item() < math.log(2)  # ln 2 times the pair weights, each < 1
+
+
+@pytest.mark.parametrize("loss_type,ld_alpha", [("ipo", None), ("sigmoid", 0.5)])
+def test_precomputed_reference_matches_live_reference(loss_type, ld_alpha):
+    # the precomputed reference log-probs are the live ones: summed (ipo averages inside dpo_loss) or LD-weighted
+    dm = AlignmentDataModule(kind="preference", tiny_rows=16, val_size=0, shuffle=False, batch_size=4)
+    dm.setup()
+    torch.manual_seed(0)
+    module = DPO(loss_type=loss_type, ld_alpha=ld_alpha, precompute_ref_logps=True)
+    module.configure_model()
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    live = module.compute_loss(next(iter(dm.train_dataloader())))[0]
+    module._precompute(dm)
+    batch = next(iter(dm.train_dataloader()))
+    assert "ref_chosen_logps" in batch
+    module.set_reference(None)  # from now on only the precomputed columns can give the reference
+    assert module.compute_loss(batch)[0].item() == pytest.approx(live.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), r"loss_weights.*loss_type"),
+        (dict(loss_type=["sigmoid", "sft"], rpo_alpha=1.0), r"rpo_alpha.*loss_type"),
+        (dict(loss_type="nca_pair", f_divergence_type="forward_kl"), r"f_divergence_type.*loss_type.*nca_pair"),
+        (dict(loss_type="aot", use_weighting=True), r"use_weighting.*loss_type.*aot"),
+        (dict(loss_type="simpo", ld_alpha=0.5), r"ld_alpha.*loss_type='simpo'"),
+        (dict(ld_alpha=1.5), r"ld_alpha must lie in \[0, 1\]"),
+        (dict(loss_type="discopop", discopop_tau=0.0), r"discopop_tau"),
+        (dict(loss_type="robust", label_smoothing=0.5), r"label_smoothing.*robust"),
+    ],
+)
+def test_incompatible_options_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DPO(**kwargs)
+
+
+def test_new_options_through_the_cli(run_cli):
+    # a loss list + WPO + LD-DPO + a JS f-divergence on the tiny default: it trains (the NLL falls; the WPO-weighted
+    # loss itself may rise as the weights grow with the policy's confidence) and logs the NLL term
+    losses, cli = _losses(
+        run_cli,
+        "--model.init_args.loss_type=[sigmoid, sft]",
+        "--model.init_args.loss_weights=[1.0, 0.5]",
+        "--model.init_args.use_weighting=true",
+        "--model.init_args.ld_alpha=0.5",
+        "--model.init_args.f_divergence_type=js_divergence",
+    )
+    assert cli.model.loss_terms == (("sigmoid", 1.0), ("sft", 0.5))
+    nll = column(read_metrics(cli.trainer.logger.log_dir), "train/nll_loss")
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert nll[-1] < nll[0]

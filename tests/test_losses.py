@@ -244,7 +244,7 @@ def _dpo(loss_type, ls=0.0, pc=-10.0, pr=-12.0, rc=-11.0, rr=-11.0, beta=BETA):
         ("robust", 0.2, LN2),
         ("hinge", 0.0, 1.0),
         ("ipo", 0.0, 1 / (4 * BETA**2)),
-        ("exo_pair", 0.0, -LN2 - 0.5 * math.log(1e-3 * (1 - 1e-3))),
+        ("exo_pair", 1e-3, -LN2 - 0.5 * math.log(1e-3 * (1 - 1e-3))),
         ("exo_pair", 0.01, -LN2 - 0.5 * math.log(0.01 * 0.99)),
         ("nca_pair", 0.0, 2 * LN2),
         ("sppo_hard", 0.0, 0.5 / BETA**2),
@@ -272,13 +272,16 @@ def test_dpo_step0_identities(loss_type, ls, expected):
         ("ipo", 0.0, (2 - 5) ** 2),
         (
             "exo_pair",
-            0.0,
+            1e-3,
             sig(0.2) * (logsig(0.2) - math.log(0.999)) + sig(-0.2) * (logsig(-0.2) - math.log(0.001)),
         ),
         ("nca_pair", 0.0, -logsig(0.1) - 0.5 * logsig(-0.1) - 0.5 * logsig(0.1)),
         ("apo_zero", 0.0, 1 - sig(0.1) + sig(-0.1)),
         ("apo_down", 0.0, sig(0.1) + 1 - sig(0.2)),
         ("sppo_hard", 0.0, (1 - 5) ** 2 + (-1 + 5) ** 2),
+        ("bco_pair", 0.0, -2 * logsig(0.1)),
+        ("discopop", 0.0, (1 - sig(0.2 / 0.05)) * -logsig(0.2) + sig(0.2 / 0.05) * math.exp(-0.2)),
+        ("sigmoid_norm", 0.0, -logsig(0.2)),  # no lengths given: the inputs are taken as length-averaged
     ],
 )
 def test_dpo_hand_values(loss_type, ls, expected):
@@ -292,10 +295,18 @@ def test_dpo_hand_values(loss_type, ls, expected):
 @pytest.mark.parametrize("loss_type", L.DPO_LOSS_TYPES)
 def test_dpo_gradient_pushes_chosen_up_rejected_down(loss_type):
     pc, pr = t([-10.0], requires_grad=True), t([-12.0], requires_grad=True)
-    losses, cr, _ = dpo_loss(pc, pr, t([-10.0]), t([-12.0]), beta=BETA, loss_type=loss_type)
+    ls = 1e-3 if loss_type == "exo_pair" else 0.0
+    losses, cr, _ = dpo_loss(pc, pr, t([-10.0]), t([-12.0]), beta=BETA, loss_type=loss_type, label_smoothing=ls)
     gc, gr = torch.autograd.grad(losses.sum(), (pc, pr))
     if loss_type == "apo_down":  # APO-down lowers both; at step 0 the chosen gradient is exactly 0
         close(gc, [0.0])
+    elif loss_type == "discopop":
+        # DiscoPOP is non-convex: at h = 0 its slope is -3/4 + (1 - ln 2) / (4 tau) (> 0 for the default tau = 0.05),
+        # d/dh of (1 - s(x/tau))(-log s(x)) + s(x/tau) exp(-x) at x = beta h = 0, times beta
+        slope = -0.75 + (1 - LN2) / (4 * 0.05)
+        close(gc, [BETA * slope])
+        close(gr, [-BETA * slope])
+        return
     else:
         assert gc.item() < 0  # gradient descent increases log pi(chosen)
     assert gr.item() > 0  # and decreases log pi(rejected)
@@ -306,6 +317,122 @@ def test_dpo_bad_arguments():
         _dpo("kto")
     with pytest.raises(ValueError):
         _dpo("robust", ls=0.5)
+    with pytest.raises(ValueError, match="label_smoothing.*exo_pair"):  # ε = 0 is log 0: TRL raises as well
+        _dpo("exo_pair", ls=0.0)
+
+
+def test_dpo_length_normalised_losses_divide_by_the_lengths():
+    # c = 1 over 2 tokens, r = -1 over 4 tokens: per-token margin 1/2 + 1/4 = 3/4
+    lengths = dict(chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([4]))
+    losses, cr, rr = dpo_loss(t([-10.0]), t([-12.0]), t([-11.0]), t([-11.0]), beta=BETA, loss_type="ipo", **lengths)
+    close(losses, [(0.75 - 5) ** 2])
+    close(cr, [0.05])  # per-token rewards: beta * c / |y_w|
+    close(rr, [-0.025])
+    losses, _, _ = dpo_loss(
+        t([-10.0]), t([-12.0]), t([-11.0]), t([-11.0]), beta=BETA, loss_type="sigmoid_norm", **lengths
+    )
+    close(losses, [-logsig(0.075)])
+    losses, cr, _ = dpo_loss(t([-10.0]), t([-12.0]), t([-11.0]), t([-11.0]), beta=BETA, loss_type="sigmoid", **lengths)
+    close(losses, [-logsig(0.2)])  # the other losses ignore the lengths
+    close(cr, [0.1])
+
+
+def test_aot_sorts_over_the_batch():
+    # policy log-ratios log pi(y_w) - log pi(y_l) = [2, -1] -> sorted [-1, 2]; reference [0, 1] -> [0, 1]; d = [-1, 1]
+    args = (t([-10.0, -5.0]), t([-12.0, -4.0]), t([-11.0, -5.0]), t([-11.0, -6.0]))
+    losses, cr, rr = dpo_loss(*args, beta=BETA, loss_type="aot")
+    close(losses, [-logsig(-0.1), -logsig(0.1)])
+    close(cr, [0.1, 0.0])  # rewards stay per pair: beta * (log pi - log pi_ref)
+    close(rr, [-0.1, 0.2])
+    losses, _, _ = dpo_loss(*args, beta=BETA, loss_type="aot", label_smoothing=0.1)
+    close(losses, [-0.9 * logsig(-0.1) - 0.1 * logsig(0.1), -0.9 * logsig(0.1) - 0.1 * logsig(-0.1)])
+    # unpaired: c = [1, 0] -> [0, 1], r = [-1, 2] -> [-1, 2]; d = [1, -1]
+    losses, _, _ = dpo_loss(*args, beta=BETA, loss_type="aot_unpaired")
+    close(losses, [-logsig(0.1), -logsig(-0.1)])
+
+
+@pytest.mark.parametrize(
+    "f_divergence_type,alpha,h",
+    [  # c = 1, r = -1; h = f(c) - f(r)
+        ("reverse_kl", 0.5, 2.0),
+        ("forward_kl", 0.5, (1 - math.exp(-1)) - (1 - math.exp(1))),  # f = 1 - 1/u
+        ("js_divergence", 0.5, logsig(1) - logsig(-1)),  # f = log 2 + log s(log u); = 1
+        ("alpha_divergence", 0.5, 2 * (1 - math.exp(-0.5)) - 2 * (1 - math.exp(0.5))),  # f = (u^-1/2 - 1) / (-1/2)
+        ("alpha_divergence", 0.25, ((math.exp(-0.75) - 1) - (math.exp(0.75) - 1)) / -0.75),
+        ("alpha_divergence", 1.0, 2.0),  # the alpha -> 1 limit is the reverse KL
+    ],
+)
+def test_f_dpo_hand_values(f_divergence_type, alpha, h):
+    kw = dict(beta=BETA, f_divergence_type=f_divergence_type, f_alpha_divergence_coef=alpha)
+    losses, cr, rr = _dpo_kw("sigmoid", **kw)
+    close(losses, [-logsig(BETA * h)])
+    close(cr, [0.1])  # rewards stay beta * log-ratio
+    close(rr, [-0.1])
+    losses, _, _ = _dpo_kw("hinge", **kw)
+    close(losses, [max(0.0, 1 - BETA * h)])
+    # IPO averages the scores f(c) / |y_w| (TRL): |y_w| = 2, |y_l| = 4
+    args = (t([-10.0]), t([-12.0]), t([-11.0]), t([-11.0]))
+    losses, _, _ = dpo_loss(
+        *args, loss_type="ipo", chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([4]), **kw
+    )
+    fc = L.f_divergence_score(t([1.0]), f_divergence_type, alpha).item()
+    fr = L.f_divergence_score(t([-1.0]), f_divergence_type, alpha).item()
+    assert fc - fr == pytest.approx(h, rel=1e-12)
+    close(losses, [(fc / 2 - fr / 4 - 1 / (2 * BETA)) ** 2])
+
+
+def test_f_dpo_rejects_losses_without_a_score_difference():
+    with pytest.raises(ValueError, match=r"f_divergence_type='forward_kl'.*loss_type='nca_pair'"):
+        _dpo_kw("nca_pair", f_divergence_type="forward_kl")
+    with pytest.raises(ValueError, match="Unknown f_divergence_type"):
+        _dpo_kw("sigmoid", f_divergence_type="tv")
+
+
+def _dpo_kw(loss_type, **kw):
+    return dpo_loss(t([-10.0]), t([-12.0]), t([-11.0]), t([-11.0]), loss_type=loss_type, **kw)
+
+
+NAN = float("nan")
+
+
+def test_nll_loss_masks_prompt_and_padding():
+    logps = t([[NAN, -1.0, -2.0, NAN], [NAN, -3.0, NAN, NAN]], requires_grad=True)
+    mask = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0]])
+    loss = L.nll_loss(logps, mask)
+    close(loss, 2.0)  # (1 + 2 + 3) / 3 tokens
+    (g,) = torch.autograd.grad(loss, logps)
+    close(g, [[0.0, -1 / 3, -1 / 3, 0.0], [0.0, -1 / 3, 0.0, 0.0]])
+    close(L.nll_loss(logps.detach(), torch.zeros_like(mask)), 0.0)
+
+
+def test_ld_dpo_logps():
+    # pair 1: |y_w| = 3, |y_l| = 1 -> l = 1: chosen = -1 + a (-2 - 3), rejected = -4
+    # pair 2: an empty rejected completion -> l = 0: chosen = a * (-1), rejected = 0
+    chosen = t([[NAN, -1.0, -2.0, -3.0, NAN], [NAN, NAN, NAN, -1.0, NAN]], requires_grad=True)
+    rejected = t([[NAN, -4.0, NAN, NAN, NAN], [NAN, NAN, NAN, NAN, NAN]])
+    cm = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 0, 1, 0]])
+    rm = torch.tensor([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+    c, r = L.ld_dpo_logps(chosen, rejected, cm, rm, 0.5)
+    close(c, [-1 - 0.5 * 5, -0.5])
+    close(r, [-4.0, 0.0])
+    (g,) = torch.autograd.grad(c.sum(), chosen)
+    close(g, [[0.0, 1.0, 0.5, 0.5, 0.0], [0.0, 0.0, 0.0, 0.5, 0.0]])
+    c1, r1 = L.ld_dpo_logps(chosen.detach(), rejected, cm, rm, 1.0)  # alpha = 1: plain sums
+    close(c1, [-6.0, -1.0])
+    close(r1, [-4.0, 0.0])
+
+
+def test_log_sum_sq_probs_and_wpo_weights():
+    logits = torch.log(t([[1.0, 1.0, 2.0], [1.0, 1.0, 2.0], [2.0, 1.0, 1.0]]))  # p = (1/4, 1/4, 1/2) (permuted)
+    out = L.log_sum_sq_probs(logits)
+    close(out, [math.log(0.375)] * 3)  # 1/16 + 1/16 + 1/4
+    assert not out.requires_grad
+    # WPO: w = exp(mean over completion tokens of log p(y_t) - log sum_v p_v^2)
+    logps = t([[NAN, math.log(0.5), math.log(0.25)], [NAN, NAN, NAN]], requires_grad=True)
+    lss = t([[NAN, math.log(0.375), math.log(0.5)], [NAN, NAN, NAN]])
+    w = L.wpo_weights(logps, lss, torch.tensor([[0, 1, 1], [0, 0, 0]]))
+    close(w, [math.sqrt((0.5 / 0.375) * (0.25 / 0.5)), 1.0])  # an empty completion weighs 1
+    assert not w.requires_grad
 
 
 def test_simpo_loss():

@@ -2,10 +2,22 @@
 Secretly a Reward Model") and its variants, as one LightningModule.
 
 Per step, chosen and rejected sequences of B pairs go through one concatenated forward (2B rows). The sequence
-log-prob is the sum of the completion tokens' log-probs (EOS included; prompt and padding masked). The loss is
-``src.losses.dpo_loss`` (sigmoid, robust, hinge, ipo, exo_pair, nca_pair, apo_zero, apo_down, sppo_hard) or
-``src.losses.simpo_loss`` (reference-free). Reference log-probs come from a frozen copy of the initial policy, a
-separate checkpoint, the LoRA policy with its adapter disabled, or are precomputed once before training.
+log-prob is the sum of the completion tokens' log-probs (EOS included; prompt and padding masked), or LD-DPO's
+down-weighted sum (``ld_alpha``). The loss is ``src.losses.dpo_loss`` (sigmoid, robust, hinge, ipo, exo_pair,
+nca_pair, apo_zero, apo_down, sppo_hard, bco_pair, aot, aot_unpaired, discopop, sigmoid_norm; f-DPO scores with
+``f_divergence_type``), ``src.losses.simpo_loss`` (reference-free) or ``sft`` (``src.losses.nll_loss`` on the
+chosen completions), or a weighted sum of several (``loss_type: [sigmoid, bco_pair, sft]`` with ``loss_weights``,
+MPO; ``rpo_alpha`` is ``sft`` with that weight), each pair optionally weighted by WPO (``use_weighting``). Option
+names and definitions are TRL 1.16's ``DPOConfig``. Reference log-probs come from a frozen copy of the initial
+policy, a separate checkpoint, the LoRA policy with its adapter disabled, or are precomputed once before training.
+
+Metrics (TRL's names): ``rewards/chosen``, ``rewards/rejected`` (``β·(log π − log π_ref)``), ``rewards/accuracies``,
+``rewards/margins``, ``logps/chosen``, ``logps/rejected``, plus ``nll_loss`` with an ``sft`` term. They describe the
+first loss term other than ``sft``. One deliberate difference: with a length-normalised loss (``ipo``,
+``sigmoid_norm``; and ``simpo``) the rewards and log-probs are *length-averaged* (per token), where TRL logs the summed
+ones for every loss. IPO's loss is a regression of the length-averaged margin onto ``1/(2β)``, so logging the quantity
+the loss acts on makes ``rewards/margins`` converge to ``1/2`` (and ``rewards/accuracies`` count the pairs the loss
+ranks correctly) instead of mixing in each pair's length difference.
 """
 
 from __future__ import annotations
@@ -15,12 +27,39 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from src.losses import dpo_loss, simpo_loss
+from src.logprobs import completion_logits, logps_from_logits, scatter_tokens
+from src.losses import (
+    F_DIVERGENCE_LOSS_TYPES,
+    LENGTH_NORMALISED_LOSS_TYPES,
+    dpo_loss,
+    ld_dpo_logps,
+    log_sum_sq_probs,
+    masked_sum,
+    nll_loss,
+    simpo_loss,
+    wpo_weights,
+)
 from src.modules.base import AlignmentModule
 
 LossType = Literal[
-    "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "apo_zero", "apo_down", "sppo_hard", "simpo"
+    "sigmoid",
+    "robust",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "apo_zero",
+    "apo_down",
+    "sppo_hard",
+    "bco_pair",
+    "aot",
+    "aot_unpaired",
+    "discopop",
+    "sigmoid_norm",
+    "sft",
+    "simpo",
 ]
+FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 
 
 class DPO(AlignmentModule):
@@ -28,14 +67,25 @@ class DPO(AlignmentModule):
 
     Args:
         beta: temperature of the implicit reward ``β·(log π − log π_ref)`` (SimPO: of the length-normalised log-prob).
-        loss_type: see module docstring; ``ipo`` averages log-probs per token as in the IPO paper (and TRL).
-        label_smoothing: conservative DPO / robust DPO noise rate ε.
+        loss_type: one loss or a list of losses (see the module docstring); ``ipo`` and ``sigmoid_norm`` average the
+            log-ratios per token as TRL; ``sft`` is the NLL of the chosen completions.
+        loss_weights: one weight per ``loss_type`` entry (default 1 each); the loss is ``Σ w_i · mean(loss_i)``
+            (MPO, Wang et al. 2024: ``[sigmoid, bco_pair, sft]`` with ``[0.8, 0.2, 1.0]``).
+        label_smoothing: conservative DPO / robust DPO noise rate ε (robust: in [0, 0.5), an error here where TRL
+            only warns), EXO's ε (must be > 0, as TRL), AOT's smoothing.
         simpo_gamma: SimPO target margin γ (``loss_type: simpo``).
-        rpo_alpha: weight of an NLL term on the chosen completions (RPO, Pang et al. 2024); ``None`` = off.
+        rpo_alpha: RPO (Pang et al. 2024): shorthand for appending ``sft`` with weight ``rpo_alpha``; ``None`` = off.
+        f_divergence_type / f_alpha_divergence_coef: f-DPO (Wang et al. 2023): ``reverse_kl`` (DPO), ``forward_kl``,
+            ``js_divergence`` or ``alpha_divergence`` with its α; only for the losses of the score difference.
+        discopop_tau: DiscoPOP's τ (Lu et al. 2024; ``loss_type: discopop``).
+        ld_alpha: LD-DPO (Liu et al. 2024): weight α ∈ [0, 1] of the tokens past the shorter completion's length in
+            both sequence log-probs (policy and reference); ``None`` = off (plain sums).
+        use_weighting: WPO (Zhou et al. 2024): multiply each pair's loss by ``w(y_w)·w(y_l)``, the policy's
+            length-normalised, sampling-aligned sequence probabilities (no gradient through the weights).
         precompute_ref_logps: compute reference log-probs once before training, cache them with the dataset and
             free the reference model.
-        ref_model_sync_steps / ref_model_mixup_alpha: TR-DPO (Gorbatovski et al. 2024): every k steps
-            ``θ_ref ← α·θ + (1 − α)·θ_ref``; 0 = never.
+        ref_model_sync_steps / ref_model_mixup_alpha: TR-DPO (Gorbatovski et al. 2024): after every k-th optimizer
+            step ``θ_ref ← α·θ + (1 − α)·θ_ref``; 0 = never (TRL's ``sync_ref_model=False``).
         **kwargs: model, optimizer and scheduler options of :class:`AlignmentModule`.
     """
 
@@ -47,97 +97,163 @@ class DPO(AlignmentModule):
         self,
         *args: Any,
         beta: float = 0.1,
-        loss_type: LossType = "sigmoid",
+        loss_type: LossType | list[LossType] = "sigmoid",
+        loss_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
         rpo_alpha: float | None = None,
+        f_divergence_type: FDivergence = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        discopop_tau: float = 0.05,
+        ld_alpha: float | None = None,
+        use_weighting: bool = False,
         precompute_ref_logps: bool = False,
         ref_model_sync_steps: int = 0,
         ref_model_mixup_alpha: float = 0.6,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if loss_type == "simpo":
-            self.needs_reference = False
+        self.loss_terms = loss_terms(loss_type, loss_weights, rpo_alpha)
+        types = [t for t, _ in self.loss_terms]
+        check_options(
+            types,
+            label_smoothing=label_smoothing,
+            f_divergence_type=f_divergence_type,
+            discopop_tau=discopop_tau,
+            ld_alpha=ld_alpha,
+            use_weighting=use_weighting,
+            precompute_ref_logps=precompute_ref_logps,
+            ref_model_sync_steps=ref_model_sync_steps,
+            lora=self.hparams.lora,
+        )
+        self.reference_free = all(t == "simpo" for t in types)
+        self.needs_reference = not self.reference_free
+        # the term the rewards/logps metrics describe: the first one that is not the NLL
+        self.metric_loss_type = next((t for t in types if t != "sft"), "sigmoid")
         self.save_hyperparameters()
+        self._synced_step = 0  # TR-DPO: the global step of the last reference update
 
-    # -- one concatenated forward ---------------------------------------------------------------------------------
-    def pair_logps(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Policy and reference sequence log-probs of the B chosen and B rejected completions."""
-        h = self.hparams
-        mask = batch["completion_mask"]
-        token_logps, _ = self.policy_logps(batch)
-        lengths = mask[:, 1:].sum(-1).clamp(min=1).to(token_logps.dtype)  # position 0 is never a completion token
-        seq = token_logps.sum(-1)
-        average = h.loss_type in ("ipo", "simpo")
-        if average:
-            seq = seq / lengths
-        b = seq.shape[0] // 2
-        out = {"chosen": seq[:b], "rejected": seq[b:], "lengths": lengths, "token_logps": token_logps}
-        if h.loss_type == "simpo":
-            return out
+    # -- log-probs: one concatenated forward of the B chosen and B rejected completions ---------------------------
+    def policy_token_logps(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """Per-token policy log-probs ``[2B, T]`` and, for WPO, ``log Σ_v p_v²`` at the same positions (from the same
+        logits: one forward either way)."""
+        if not self.hparams.use_weighting:
+            return self.policy_logps(batch)[0], None
+        ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        logits, target = completion_logits(self.model, ids, attn, mask, self.accel)
+        return logps_from_logits(logits, ids, target)[0], scatter_tokens(log_sum_sq_probs(logits), target)
+
+    def sequence_logps(self, token_logps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Chosen and rejected sequence log-probs ``[B]``: masked sums, or LD-DPO's with ``ld_alpha``."""
+        b = token_logps.shape[0] // 2
+        if self.hparams.ld_alpha is not None:
+            return ld_dpo_logps(token_logps[:b], token_logps[b:], mask[:b], mask[b:], self.hparams.ld_alpha)
+        seq = masked_sum(token_logps, mask, dim=-1)
+        return seq[:b], seq[b:]
+
+    def reference_sequence_logps(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """The reference's :meth:`sequence_logps` (precomputed ones when the batch carries them)."""
         if "ref_chosen_logps" in batch:
-            out["ref_chosen"], out["ref_rejected"] = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        else:
-            ref_seq = self.reference_logps(batch["input_ids"], batch["attention_mask"], mask).sum(-1)
-            if average:
-                ref_seq = ref_seq / lengths
-            out["ref_chosen"], out["ref_rejected"] = ref_seq[:b], ref_seq[b:]
-        return out
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        mask = batch["completion_mask"]
+        return self.sequence_logps(self.reference_logps(batch["input_ids"], batch["attention_mask"], mask), mask)
 
+    # -- the loss -------------------------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         h = self.hparams
-        lp = self.pair_logps(batch)
-        if h.loss_type == "simpo":
-            b = lp["chosen"].shape[0]
-            losses, chosen_r, rejected_r = simpo_loss(
-                lp["chosen"] * lp["lengths"][:b],
-                lp["rejected"] * lp["lengths"][b:],
-                lp["lengths"][:b],
-                lp["lengths"][b:],
-                beta=h.beta,
-                gamma=h.simpo_gamma,
-                label_smoothing=h.label_smoothing,
-            )
-        else:
-            losses, chosen_r, rejected_r = dpo_loss(
-                lp["chosen"],
-                lp["rejected"],
-                lp["ref_chosen"],
-                lp["ref_rejected"],
-                beta=h.beta,
-                loss_type=h.loss_type,
-                label_smoothing=h.label_smoothing,
-            )
-        loss = losses.mean()
-        metrics = {
-            "rewards/chosen": chosen_r,
-            "rewards/rejected": rejected_r,
-            "rewards/accuracies": (chosen_r > rejected_r).float(),
-            "rewards/margins": chosen_r - rejected_r,
-            "logps/chosen": lp["chosen"],
-            "logps/rejected": lp["rejected"],
-        }
-        if h.rpo_alpha is not None:
-            b = lp["chosen"].shape[0]
-            chosen_mask = batch["completion_mask"][:b]
-            nll = -lp["token_logps"][:b].sum() / chosen_mask.sum().clamp(min=1)
-            loss = loss + h.rpo_alpha * nll
-            metrics["nll_loss"] = nll.detach().expand(b)
+        mask = batch["completion_mask"]
+        token_logps, log_sum_sq = self.policy_token_logps(batch)
+        chosen, rejected = self.sequence_logps(token_logps, mask)
+        b = chosen.shape[0]
+        lengths = mask[:, 1:].sum(-1)  # completion tokens (position 0 is never one)
+        ref_chosen, ref_rejected = (None, None) if self.reference_free else self.reference_sequence_logps(batch)
+        pair_weights = None
+        if h.use_weighting:
+            w = wpo_weights(token_logps, log_sum_sq, mask)
+            pair_weights = w[:b] * w[b:]
+
+        loss, rewards, metrics = 0.0, {}, {}
+        for loss_type, weight in self.loss_terms:
+            if loss_type == "sft":
+                nll = nll_loss(token_logps[:b], mask[:b])
+                losses = nll.expand(b)
+                metrics["nll_loss"] = nll.detach().expand(b)
+            elif loss_type == "simpo":
+                losses, chosen_r, rejected_r = simpo_loss(
+                    chosen,
+                    rejected,
+                    lengths[:b],
+                    lengths[b:],
+                    beta=h.beta,
+                    gamma=h.simpo_gamma,
+                    label_smoothing=h.label_smoothing,
+                )
+                rewards.setdefault(loss_type, (chosen_r, rejected_r))
+            else:
+                losses, chosen_r, rejected_r = dpo_loss(
+                    chosen,
+                    rejected,
+                    ref_chosen,
+                    ref_rejected,
+                    beta=h.beta,
+                    loss_type=loss_type,
+                    label_smoothing=h.label_smoothing,
+                    chosen_lengths=lengths[:b],
+                    rejected_lengths=lengths[b:],
+                    f_divergence_type=h.f_divergence_type,
+                    f_alpha_divergence_coef=h.f_alpha_divergence_coef,
+                    discopop_tau=h.discopop_tau,
+                )
+                rewards.setdefault(loss_type, (chosen_r, rejected_r))
+            if pair_weights is not None:
+                losses = losses * pair_weights
+            loss = loss + weight * losses.mean()
+
+        chosen_r, rejected_r = rewards.get(self.metric_loss_type) or (
+            (h.beta * (chosen - ref_chosen)).detach(),  # sft alone: DPO's implicit rewards
+            (h.beta * (rejected - ref_rejected)).detach(),
+        )
+        if self.metric_loss_type in (*LENGTH_NORMALISED_LOSS_TYPES, "simpo"):
+            chosen, rejected = chosen / lengths[:b].clamp(min=1), rejected / lengths[b:].clamp(min=1)
+        metrics.update(
+            {
+                "rewards/chosen": chosen_r,
+                "rewards/rejected": rejected_r,
+                "rewards/accuracies": (chosen_r > rejected_r).float(),
+                "rewards/margins": chosen_r - rejected_r,
+                "logps/chosen": chosen.detach(),
+                "logps/rejected": rejected.detach(),
+            }
+        )
         return loss, metrics
 
     # -- Lightning hooks ------------------------------------------------------------------------------------------
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        k = self.hparams.ref_model_sync_steps
-        if k and self.ref_model is not None and self.global_step % k == 0 and self.global_step > 0:
-            alpha = self.hparams.ref_model_mixup_alpha
-            with torch.no_grad():
-                for p_ref, p in zip(self.ref_model.parameters(), self.model.parameters()):
-                    p_ref.lerp_(p.detach().to(p_ref.dtype), alpha)
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self.sync_reference()
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit":
+            self.sync_reference()  # validation after optimizer step k sees the reference of step k, as in TRL
+
+    @torch.no_grad()
+    def sync_reference(self) -> None:
+        """TR-DPO: once after every ``ref_model_sync_steps``-th optimizer step, ``θ_ref ← α·θ + (1 − α)·θ_ref``.
+
+        Checked before each forward (every micro-batch) but keyed on the optimizer step count, so gradient
+        accumulation does not repeat it; the step of the last update is checkpointed so a resumed run does neither
+        miss nor repeat one (TRL: ``SyncRefModelCallback.on_step_end``, once per optimizer step)."""
+        k, step = self.hparams.ref_model_sync_steps, self.global_step
+        if not k or step == 0 or step % k or step == self._synced_step or self.ref_model is None:
+            return
+        alpha = self.hparams.ref_model_mixup_alpha
+        for p_ref, p in zip(self.ref_model.parameters(), self.model.parameters(), strict=True):
+            p_ref.lerp_(p.detach().to(p_ref.dtype), alpha)
+        self._synced_step = step
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if self.hparams.precompute_ref_logps and self.hparams.loss_type != "simpo":
+        if self.hparams.precompute_ref_logps and not self.reference_free:
             self.precompute_reference()
 
     @torch.no_grad()
@@ -146,9 +262,8 @@ class DPO(AlignmentModule):
         dm = self.trainer.datamodule
         with torch.random.fork_rng(devices=[]):  # iterating a DataLoader draws a seed: keep the run's RNG stream
             self._precompute(dm)
-        if self.hparams.ref_model_sync_steps == 0:
-            self.set_reference(None)
-            self.needs_reference = False
+        self.set_reference(None)
+        self.needs_reference = False
 
     def _precompute(self, dm) -> None:
         for ds in (dm.train_set, dm.val_set):
@@ -157,22 +272,102 @@ class DPO(AlignmentModule):
             loader = torch.utils.data.DataLoader(ds, batch_size=dm.hparams.batch_size, collate_fn=dm.collator())
             chosen, rejected = [], []
             for batch in loader:
-                batch = self.transfer_batch_to_device(batch, self.device, 0)
-                lengths = batch["completion_mask"][:, 1:].sum(-1).clamp(min=1)
-                seq = self.reference_logps(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-                seq = seq.sum(-1)
-                if self.hparams.loss_type == "ipo":
-                    seq = seq / lengths
-                b = seq.shape[0] // 2
-                chosen += seq[:b].tolist()
-                rejected += seq[b:].tolist()
+                chosen_ref, rejected_ref = self.reference_sequence_logps(
+                    self.transfer_batch_to_device(batch, self.device, 0)
+                )
+                chosen += chosen_ref.tolist()
+                rejected += rejected_ref.tolist()
             ds.add_column("ref_chosen_logps", chosen)
             ds.add_column("ref_rejected_logps", rejected)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.hparams.ref_model_sync_steps and self._ref is not None:
             checkpoint["ref_model_state_dict"] = self._ref.state_dict()
+            checkpoint["ref_model_synced_step"] = self._synced_step
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "ref_model_state_dict" in checkpoint and self._ref is not None:
             self._ref.load_state_dict(checkpoint["ref_model_state_dict"])
+            self._synced_step = checkpoint.get("ref_model_synced_step", 0)
+
+
+# ---------------------------------------------------------------------------------------------------- the options
+def loss_terms(
+    loss_type: str | list[str], loss_weights: list[float] | None, rpo_alpha: float | None
+) -> tuple[tuple[str, float], ...]:
+    """``((loss_type, weight), ...)`` from TRL's ``loss_type`` (one or a list) and ``loss_weights``; ``rpo_alpha``
+    appends ``("sft", rpo_alpha)`` (RPO's NLL term, which TRL 1.16 writes as ``loss_type: [sigmoid, sft]``)."""
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if not types:
+        raise ValueError("loss_type must name at least one loss")
+    if loss_weights is None:
+        weights = [1.0] * len(types)
+    elif len(loss_weights) != len(types):
+        raise ValueError(
+            f"loss_weights has {len(loss_weights)} weights for the {len(types)} losses of loss_type {types}: "
+            "give one weight per loss"
+        )
+    else:
+        weights = [float(w) for w in loss_weights]
+    if rpo_alpha is not None:
+        if "sft" in types:
+            raise ValueError(
+                "rpo_alpha adds loss_type 'sft' with weight rpo_alpha, and loss_type already has 'sft': set one of "
+                "them (e.g. loss_type: [sigmoid, sft] with loss_weights: [1.0, rpo_alpha])"
+            )
+        types, weights = [*types, "sft"], [*weights, float(rpo_alpha)]
+    return tuple(zip(types, weights))
+
+
+def check_options(
+    types: list[str],
+    *,
+    label_smoothing: float,
+    f_divergence_type: str,
+    discopop_tau: float,
+    ld_alpha: float | None,
+    use_weighting: bool,
+    precompute_ref_logps: bool,
+    ref_model_sync_steps: int,
+    lora: dict[str, Any] | None,
+) -> None:
+    """Refuse, at construction, the option combinations that have no meaning (each error names both options)."""
+    if "exo_pair" in types and label_smoothing == 0:
+        raise ValueError(
+            "label_smoothing must be > 0 for loss_type='exo_pair' (it is EXO's ε; the paper recommends 1e-3), as in TRL"
+        )
+    if "robust" in types and not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {label_smoothing}")
+    if "discopop" in types and discopop_tau <= 0:
+        raise ValueError(f"discopop_tau must be > 0 for loss_type='discopop', got {discopop_tau}")
+    if f_divergence_type != "reverse_kl":
+        other = [t for t in types if t not in F_DIVERGENCE_LOSS_TYPES]
+        if other:
+            raise ValueError(
+                f"f_divergence_type={f_divergence_type!r} cannot be combined with loss_type {other}: f-DPO is defined "
+                f"only for {list(F_DIVERGENCE_LOSS_TYPES)} (as in TRL)"
+            )
+    if ld_alpha is not None:
+        if not 0.0 <= ld_alpha <= 1.0:
+            raise ValueError(f"ld_alpha must lie in [0, 1] (1 = plain DPO), got {ld_alpha}")
+        if "simpo" in types:
+            raise ValueError("ld_alpha cannot be combined with loss_type='simpo', which normalises by length itself")
+    if use_weighting and {"aot", "aot_unpaired"} & set(types):
+        raise ValueError(
+            "use_weighting cannot be combined with loss_type 'aot' / 'aot_unpaired': they sort the pairs of a batch, "
+            "which misaligns the per-pair WPO weights (TRL refuses this too)"
+        )
+    if ref_model_sync_steps:
+        # TR-DPO moves the reference: there must be one, of its own, whose log-probs are computed live.
+        if precompute_ref_logps:
+            raise ValueError(
+                "precompute_ref_logps=True cannot be combined with ref_model_sync_steps > 0: TR-DPO updates the "
+                "reference during training, so precomputed reference log-probs go stale (TRL refuses this too)"
+            )
+        if lora is not None:
+            raise ValueError(
+                "ref_model_sync_steps > 0 cannot be combined with lora: the LoRA reference is the policy with "
+                "its adapter disabled, so there is no separate reference to update"
+            )
+        if all(t == "simpo" for t in types):
+            raise ValueError("ref_model_sync_steps > 0 cannot be combined with loss_type='simpo' (no reference)")
