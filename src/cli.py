@@ -139,12 +139,13 @@ class StepsProgressBar(TQDMProgressBar):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
         step0, batch0 = self._start or (0, -1)
-        if not self._measured and trainer.max_steps > 0 and trainer.global_step > step0 and self.train_progress_bar:
+        if not self._measured and trainer.max_steps > 0 and trainer.global_step > step0:
             self._measured = True
+            bar = self.train_progress_bar
             per_batch = (trainer.global_step - step0) / (trainer.fit_loop.total_batch_idx - batch0)
             total = i + 1 + math.ceil((trainer.max_steps - trainer.global_step) / per_batch)
-            if self.train_progress_bar.total is None or total < self.train_progress_bar.total:
-                self.train_progress_bar.total = total
+            if bar.total is None or total < bar.total:
+                bar.total = total
         super().on_train_batch_end(trainer, pl_module, outputs, batch, i)
 
 

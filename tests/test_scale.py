@@ -148,7 +148,7 @@ def test_fsdp_overlay_instantiates_with_decoder_layer_policy():
 
 # ------------------------------------------------------------------------------------------------------ bad input
 def test_missing_model_path_is_one_clear_error(run_cli, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"path '.*nope' does not exist"):
+    with pytest.raises(SystemExit, match=r"^error: .*path '.*nope' does not exist"):
         run_cli(["fit", "--config", "dpo.yaml", *FAST, f"--model.init_args.model_name_or_path={tmp_path / 'nope'}"])
 
 
