@@ -29,14 +29,15 @@ def consolidate(ckpt_path: str | Path, workdir: Path) -> Path:
 
         convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
         return out
-    if (
-        path / "meta.pt"
-    ).exists():  # FSDP sharded state dict: torch.distributed.checkpoint shards + Lightning's meta.pt
+    if (path / "meta.pt").exists():  # FSDP sharded: torch.distributed.checkpoint shards + Lightning's meta.pt
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
         dcp_to_torch_save(path, out)
-        checkpoint = torch.load(out, map_location="cpu", weights_only=False)
-        checkpoint.update(torch.load(path / "meta.pt", map_location="cpu", weights_only=False))
+        shards = torch.load(out, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        # Lightning's FSDPStrategy.save_checkpoint stores the weights under "model" and the optimizers under
+        # "optimizer_<i>" (export needs only the weights)
+        checkpoint["state_dict"] = shards["model"]
         torch.save(checkpoint, out)
         return out
     raise ValueError(f"{path}: a directory that is neither a DeepSpeed nor an FSDP sharded checkpoint")

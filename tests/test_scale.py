@@ -115,6 +115,27 @@ def test_export_merges_lora(run_cli, tmp_path):
         )
 
 
+def test_export_consolidates_a_fsdp_sharded_checkpoint(run_cli, tmp_path):
+    """A checkpoint directory in the layout Lightning's ``FSDPStrategy(state_dict_type="sharded")`` writes (its own
+    ``_distributed_checkpoint_save`` + ``meta.pt``; FSDP itself does not run on CPU) exports from a fresh process."""
+    from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
+    from transformers import AutoModelForCausalLM
+
+    cli = run_cli(["fit", "--config", "dpo.yaml", *FAST, *SAVE_LAST])
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    sharded = tmp_path / "sharded.ckpt"
+    sharded.mkdir()
+    converted = {"model": checkpoint.pop("state_dict")}  # what FSDPStrategy.save_checkpoint does for "sharded"
+    converted.update({f"optimizer_{i}": o for i, o in enumerate(checkpoint.pop("optimizer_states", []))})
+    _distributed_checkpoint_save(converted, sharded)
+    torch.save(checkpoint, sharded / "meta.pt")
+
+    run_subprocess(["export", "--ckpt_path", str(sharded), "--out", str(tmp_path / "hf")], tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    trained = cli.model.model.state_dict()
+    assert all(torch.equal(p, trained[n]) for n, p in loaded.state_dict().items())
+
+
 def test_fsdp_overlay_instantiates_with_decoder_layer_policy():
     """The FSDP overlay wraps whatever decoder layer the model declares (``_no_split_modules``): Llama and Qwen2."""
     from typing import Union
