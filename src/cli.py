@@ -33,6 +33,7 @@ from src.callbacks import FitSummary, HFExport, LogProbMetrics, TokenThroughput 
 from src.callbacks.checkpoint_io import check_checkpoint  # noqa: E402
 from src.data import AlignmentDataModule  # noqa: E402
 from src.modules.base import AlignmentModule  # noqa: E402
+from src.plot import PlotCurves  # noqa: E402
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
@@ -172,6 +173,7 @@ class AlignCLI(LightningCLI):
         parser.add_lightning_class_args(TokenThroughput, "throughput")
         parser.add_lightning_class_args(FitSummary, "fit_summary")
         parser.add_lightning_class_args(HFExport, "hf_export")  # --hf_export.dirpath DIR: save_pretrained at fit end
+        parser.add_lightning_class_args(PlotCurves, "plot")  # curves.png next to metrics.csv; --plot.enabled false
 
     def instantiate_classes(self) -> None:
         """A deliberate error of this project's code while building the model, data or callbacks (a bad option
@@ -218,12 +220,20 @@ class AlignCLI(LightningCLI):
 
 def main(args: list[str] | None = None, run: bool = True) -> AlignCLI | Path:
     """Run the CLI in-process, e.g. ``main(["fit", "--config", "configs/dpo.yaml", "--trainer.max_steps=2"])``;
-    ``main(["export", "--ckpt_path", CKPT, "--out", DIR])`` writes a Hugging Face directory (``src.export``)."""
+    ``main(["export", "--ckpt_path", CKPT, "--out", DIR])`` writes a Hugging Face directory (``src.export``);
+    ``main(["plot", RUN_DIR])`` a PNG of a run's curves (``src.plot``)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["export"]:
         from src.export import main as export_main
 
         return export_main(argv[1:])
+    if argv[:1] == ["plot"]:
+        from src.plot import main as plot_main
+
+        try:
+            return plot_main(argv[1:])
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
     return AlignCLI(
         AlignmentModule,
         AlignmentDataModule,

@@ -26,10 +26,13 @@ FAST = [
 
 
 @pytest.fixture
-def run_cli(tmp_path, monkeypatch):
+def run_cli(tmp_path, monkeypatch, request):
     """``run_cli(["fit", "--config", "dpo.yaml", ...])`` runs ``src.cli.main`` in ``tmp_path``; config names are
-    resolved under ``configs/``. Returns the CLI object."""
+    resolved under ``configs/``. Returns the CLI object. The end-of-fit ``curves.png`` (~0.5 s a fit) is drawn only in
+    tests marked ``plots``."""
     from src.cli import main
+
+    no_plot = [] if request.node.get_closest_marker("plots") else ["--plot.enabled=false"]
 
     monkeypatch.chdir(tmp_path)
     env = dict(os.environ)
@@ -40,6 +43,8 @@ def run_cli(tmp_path, monkeypatch):
             if i > 0 and args[i - 1] == "--config" and not os.path.isabs(a):
                 a = str(CONFIGS / a)
             resolved.append(a)
+        if resolved[:1] == ["fit"]:
+            resolved += no_plot
         return main(resolved)
 
     yield run

@@ -204,6 +204,8 @@ def outputs_of(trainer: Trainer) -> dict[str, str]:
             out["metrics"] = str(Path(log_dir) / "metrics.csv")
             if (Path(log_dir) / "config.yaml").exists():
                 out["config"] = str(Path(log_dir) / "config.yaml")
+            if (Path(log_dir) / "curves.png").exists():
+                out["curves (python -m src plot RUN_DIR)"] = str(Path(log_dir) / "curves.png")
         elif isinstance(logger, WandbLogger) and logger.save_dir:
             out["W&B (offline: wandb sync DIR)"] = str(Path(logger.save_dir) / "wandb")
     if trainer.log_dir and "run directory" not in out:
