@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from src.callbacks import FitSummary, HFExport, LogProbMetrics, TokenThroughput  # noqa: E402
 from src.callbacks.checkpoint_io import check_checkpoint  # noqa: E402
 from src.data import AlignmentDataModule  # noqa: E402
+from src.evaluate import Evaluation  # noqa: E402
 from src.modules.base import AlignmentModule  # noqa: E402
 from src.plot import PlotCurves  # noqa: E402
 
@@ -150,6 +151,20 @@ class StepsProgressBar(TQDMProgressBar):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, i)
 
 
+def check_same_job(ckpt: str, model_config: Any) -> None:
+    """A ``--ckpt_path`` written by another job's module (e.g. a DPO checkpoint given to the GRPO config) is refused
+    in one line: its weights would load silently, its hyper-parameters and loop state would not fit."""
+    want = getattr(model_config, "class_path", None)
+    if want is None or Path(ckpt).is_dir():
+        return
+    import torch
+
+    hparams = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters") or {}
+    have = hparams.get("_class_path")
+    if have is not None and have != want:
+        raise ValueError(f"--ckpt_path {ckpt!r} is a checkpoint of {have}, but this config builds {want}")
+
+
 class AlignArgumentParser(LightningArgumentParser):
     """One-line errors: a bad option or an unimportable reward says what and where, without the 100-line usage."""
 
@@ -173,6 +188,7 @@ class AlignCLI(LightningCLI):
         parser.add_lightning_class_args(TokenThroughput, "throughput")
         parser.add_lightning_class_args(FitSummary, "fit_summary")
         parser.add_lightning_class_args(HFExport, "hf_export")  # --hf_export.dirpath DIR: save_pretrained at fit end
+        parser.add_lightning_class_args(Evaluation, "eval")  # predict / test: sampling, rewards, reference, output
         parser.add_lightning_class_args(PlotCurves, "plot")  # curves.png next to metrics.csv; --plot.enabled false
 
     def instantiate_classes(self) -> None:
@@ -207,6 +223,7 @@ class AlignCLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt not in (None, "last", "best", "hpc", "registry"):
             check_checkpoint(ckpt)
+            check_same_job(ckpt, self.config[sub].get("model"))
 
     def after_fit(self) -> None:
         """Close W&B runs so offline runs are complete on disk (summary, config, files) when ``fit`` returns."""

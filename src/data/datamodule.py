@@ -294,6 +294,8 @@ class AlignmentDataModule(LightningDataModule):
         tiny_rows: rows generated for the embedded task.
         identical_pairs: a preference pair whose chosen equals its rejected (after tokenization) is an ``error``
             naming its file and row; ``keep`` keeps such pairs (they carry no gradient in DPO) and logs their count.
+        predict_path: held-out prompts for ``predict`` and ``test`` (``prompt`` + any columns, e.g. ``answer``);
+            ``None`` = the prompts of the validation rows (their other fields become columns).
     """
 
     def __init__(
@@ -316,6 +318,7 @@ class AlignmentDataModule(LightningDataModule):
         tiny_rows: int = 2048,
         split_seed: int = 0,
         identical_pairs: Literal["error", "keep"] = "error",
+        predict_path: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -433,11 +436,33 @@ class AlignmentDataModule(LightningDataModule):
             return []
         return self._loader(self.val_set, self.hparams.val_batch_size or self.hparams.batch_size)
 
-    def test_dataloader(self) -> DataLoader | list:
-        return self.val_dataloader()
+    def test_dataloader(self) -> DataLoader:
+        return self.predict_dataloader()
 
-    def predict_dataloader(self) -> DataLoader | list:
-        return self.val_dataloader()
+    def predict_dataloader(self) -> DataLoader:
+        """Left-padded prompt batches of ``predict_path`` (or of the validation rows) in file order; Lightning adds
+        the distributed sampler (for ``predict`` one that gives every prompt to exactly one rank)."""
+        h = self.hparams
+        if h.predict_path is not None:
+            parts = [(str(h.predict_path), read_rows(h.predict_path)[0])]
+        else:
+            parts = self._raw()[1]
+            if not parts:
+                raise DataError(
+                    "predict/test need held-out prompts: set data.predict_path (or keep a validation split)"
+                )
+        tok = Tokenize(self.tokenizer, h.max_prompt_length, h.max_completion_length, h.max_length, h.truncation)
+        rows = []
+        for src, part in parts:
+            for i, row in enumerate(part, 1):
+                where = f"{src}: row {i}"
+                if not isinstance(row, dict):
+                    raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
+                rows.append(tok.row(normalise_row(dict(row), "prompt", where), "prompt", where, len(rows)))
+        loader_bs = h.val_batch_size or h.batch_size
+        return DataLoader(
+            RowDataset(rows), batch_size=loader_bs, collate_fn=PromptCollator(self.tokenizer.pad_token_id)
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: the data position (epoch and rows consumed, all ranks) for exact resume."""

@@ -326,6 +326,20 @@ class AlignmentModule(LightningModule):
         """Sequences scored by the held-out statistics of ``LogProbMetrics`` (training-style batches as they are)."""
         return batch if "input_ids" in batch else None
 
+    # -- predict / test: completions of held-out prompts, written or scored by src.evaluate.Evaluation ------------
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        from src.evaluate import evaluation_of
+
+        return evaluation_of(self.trainer).complete(self, batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        from src.evaluate import evaluation_of
+
+        ev = evaluation_of(self.trainer)
+        policy = ev.complete(self, batch)
+        ref = ev.complete(self, batch, reference=True) if ev.reference_model(self) is not None else [None] * len(policy)
+        return [{"policy": p, "reference": r} for p, r in zip(policy, ref)]
+
     @staticmethod
     def step_output(loss: Tensor, metrics: dict[str, Tensor], **extra: Any) -> dict[str, Any]:
         """What a step returns: the loss plus per-sample metric tensors the LogProbMetrics callback aggregates."""
