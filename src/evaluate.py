@@ -66,11 +66,14 @@ class Evaluation(BasePredictionWriter):
     does not apply) and the row's other columns. Each rank writes its shard while it goes; rank 0 merges them in
     prompt order (Lightning's predict sampler gives every prompt to exactly one rank).
     ``test`` logs ``test/*``: the mean of each reward function and of their weighted total, ``accuracy`` (the mean
-    of the first answer-checked function: one whose values are all 0 or 1, e.g. ``src.rewards.accuracy``) and
-    ``pass@k`` (unbiased, :func:`pass_at_k`, for
-    each ``k ≤ num_samples``), ``completions/mean_length``, ``kl`` (mean of ``logp − ref_logp``, a sequence-level
+    of the first answer-checked function: one with the attribute ``answer_checked = True``, as
+    ``src.rewards.accuracy``) and ``pass@k`` (unbiased, :func:`pass_at_k`, for each ``k ≤ num_samples``),
+    ``completions/mean_length``, ``kl`` (mean of ``logp − ref_logp``, a sequence-level
     estimate of KL(π‖π_ref) under the policy's samples) and ``win_rate`` against the reference's own completions of
-    the same prompts, by total reward, ties half. A ``test_summary.md`` with the same numbers goes next to the run.
+    the same prompts, by total reward, ties half. ``test_summary.md`` and ``test_summary.csv`` with the same numbers
+    go next to the run; with W&B on, the completions are logged as the table ``test/completions``.
+    During ``fit``, ``every_n_steps > 0`` computes the same metrics as ``eval/*`` on the first ``num_prompts``
+    held-out prompts every ``every_n_steps`` optimizer steps, so accuracy or win rate vs step is a curve.
 
     Args:
         num_samples: completions per prompt.
@@ -81,6 +84,7 @@ class Evaluation(BasePredictionWriter):
         reference_path: a model directory to compare with (win rate, KL) instead of the module's reference (the
             initial weights); required for jobs without one (SFT).
         output: the predictions file (default ``predictions.jsonl`` in the run directory).
+        every_n_steps / num_prompts: evaluation during fit (0 = off) and its fixed held-out subset.
     """
 
     def __init__(
@@ -95,6 +99,8 @@ class Evaluation(BasePredictionWriter):
         k: list[int] | None = None,
         reference_path: str | None = None,
         output: str | None = None,
+        every_n_steps: int = 0,
+        num_prompts: int = 32,
     ) -> None:
         super().__init__(write_interval="batch")
         self.sampling = SamplingConfig(
@@ -113,6 +119,13 @@ class Evaluation(BasePredictionWriter):
         self._reference: nn.Module | None = None
         self._rows: list[dict[str, Any]] = []
         self._shard: Path | None = None
+        if every_n_steps < 0 or num_prompts < 1:
+            raise ValueError(
+                f"eval.every_n_steps must be >= 0 and eval.num_prompts >= 1, got {every_n_steps}, {num_prompts}"
+            )
+        self.every_n_steps, self.num_prompts = every_n_steps, num_prompts
+        self._fit_batches: list[dict[str, Any]] = []
+        self._last_step = -1
 
     # -- set-up ---------------------------------------------------------------------------------------------------
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -123,6 +136,15 @@ class Evaluation(BasePredictionWriter):
 
     def start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Check the model, resolve rewards and reference, start this rank's predictions shard."""
+        self.prepare(trainer, pl_module, stage)
+        self._rows = []
+        out = self.predictions_path(trainer)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self._shard = out.with_name(f"{out.stem}.rank{trainer.global_rank}.jsonl")
+        self._shard.unlink(missing_ok=True)
+
+    def prepare(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Check that the model generates; resolve the reward functions and the reference."""
         inner = unwrap(pl_module.model)
         if getattr(inner, "get_output_embeddings", lambda: None)() is None:
             raise ValueError(f"{type(pl_module).__name__} has no language-model head: {stage} generates completions")
@@ -140,11 +162,33 @@ class Evaluation(BasePredictionWriter):
             if not path.is_dir():
                 raise FileNotFoundError(f"eval.reference_path: {str(path)!r} is not a model directory")
             self._reference = load_causal_lm(str(path)).eval()
-        self._rows = []
-        out = self.predictions_path(trainer)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self._shard = out.with_name(f"{out.stem}.rank{trainer.global_rank}.jsonl")
-        self._shard.unlink(missing_ok=True)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """With ``every_n_steps``: resolve rewards and reference, and fix this rank's share of the held-out subset."""
+        if not self.every_n_steps:
+            return
+        self.prepare(trainer, pl_module, "evaluation during fit (eval.every_n_steps)")
+        batches, taken = [], 0
+        for batch in trainer.datamodule.predict_dataloader():
+            batches.append(batch)
+            taken += len(batch["prompts"])
+            if taken >= self.num_prompts:
+                break
+        self._fit_batches = batches[trainer.global_rank :: trainer.world_size]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        step = trainer.global_step
+        if not self.every_n_steps or step % self.every_n_steps or step == self._last_step:
+            return  # (under gradient accumulation the step repeats for every micro-batch)
+        self._last_step = step
+        was_training = pl_module.training
+        pl_module.eval()
+        rows = []
+        for held_out in self._fit_batches:
+            rows += pl_module.test_step(trainer.strategy.batch_to_device(held_out), 0)
+        pl_module.train(was_training)
+        metrics = test_metrics(self.gather(trainer, rows), self.scorer, self.k)
+        pl_module.log_dict({f"eval/{k}": v for k, v in metrics.items()}, rank_zero_only=True, batch_size=len(rows))
 
     def predictions_path(self, trainer: Trainer) -> Path:
         return Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.jsonl"
@@ -233,25 +277,53 @@ class Evaluation(BasePredictionWriter):
         self._rows.extend(outputs)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        rows = self._rows
+        rows = self.gather(trainer, self._rows)
+        metrics = test_metrics(rows, self.scorer, self.k)
+        for name, value in metrics.items():
+            pl_module.log(f"test/{name}", value, rank_zero_only=True, batch_size=len(rows))
+        if not trainer.is_global_zero:
+            return
+        out = self.predictions_path(trainer).with_name("test_summary.md")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lines = ["| metric | value |", "|---|---|", *(f"| test/{k} | {v:.4f} |" for k, v in metrics.items())]
+        out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        out.with_suffix(".csv").write_text(
+            "metric,value\n" + "".join(f"test/{k},{v}\n" for k, v in metrics.items()), encoding="utf-8"
+        )
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_table"):  # WandbLogger: the completions behind the numbers
+                cols = ["index", "sample", "prompt", "completion", "reward", "reference_completion"]
+                weights = dict(zip(self.scorer.names, self.scorer.weights.tolist())) if self.scorer else {}
+                data = [
+                    [
+                        p["index"],
+                        p["sample"],
+                        p["prompt"],
+                        p["completion"],
+                        total_reward(p, weights),
+                        r["reference"]["completion"] if r["reference"] else None,
+                    ]
+                    for r in rows
+                    for p in [r["policy"]]
+                ]
+                logger.log_table(key="test/completions", columns=cols, data=data)
+        rank_zero_info(f"test summary ({len(rows)} completions): {out} (and .csv)")
+
+    @staticmethod
+    def gather(trainer: Trainer, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every rank's ``{"policy", "reference"}`` rows, once each (the test sampler may repeat a prompt to even
+        out the ranks)."""
         if trainer.world_size > 1:
             gathered: list[Any] = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, rows)
             rows = [r for part in gathered for r in part]
         seen, unique = set(), []
-        for r in rows:  # the test sampler may repeat a prompt to even out the ranks
+        for r in rows:
             key = (r["policy"]["index"], r["policy"]["sample"])
             if key not in seen:
                 seen.add(key)
                 unique.append(r)
-        metrics = test_metrics(unique, self.scorer, self.k)
-        for name, value in metrics.items():
-            pl_module.log(f"test/{name}", value, rank_zero_only=True, batch_size=len(unique))
-        if trainer.is_global_zero:
-            out = self.predictions_path(trainer).with_name("test_summary.md")
-            lines = ["| metric | value |", "|---|---|", *(f"| test/{k} | {v:.4f} |" for k, v in metrics.items())]
-            out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-            rank_zero_info(f"test summary ({len(unique)} completions): {out}")
+        return unique
 
 
 def test_metrics(rows: list[dict[str, Any]], scorer: RewardScorer | None, ks: list[int]) -> dict[str, float]:
@@ -269,7 +341,7 @@ def test_metrics(rows: list[dict[str, Any]], scorer: RewardScorer | None, ks: li
         if values:
             out[f"rewards/{name}/mean"] = sum(values) / len(values)
     out["reward"] = sum(total_reward(r, weights) for r in policy) / len(policy)
-    checked = next((n for n in scorer.names if answer_checked([r["rewards"][n] for r in policy])), None)
+    checked = next((n for n, f in zip(scorer.names, scorer.funcs) if getattr(f, "answer_checked", False)), None)
     by_prompt: dict[int, list[bool]] = {}
     for r in policy if checked is not None else ():
         if r["rewards"][checked] is not None:
@@ -286,12 +358,6 @@ def test_metrics(rows: list[dict[str, Any]], scorer: RewardScorer | None, ks: li
     if pairs:
         out["win_rate"] = win_rate([p for p, _ in pairs], [q for _, q in pairs])
     return out
-
-
-def answer_checked(values: list[float | None]) -> bool:
-    """A reward function that checks answers: every value it gave is 0 or 1 (and it gave some)."""
-    given = [v for v in values if v is not None]
-    return bool(given) and all(v in (0.0, 1.0) for v in given)
 
 
 def total_reward(row: dict[str, Any], weights: dict[str, float]) -> float:

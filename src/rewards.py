@@ -186,6 +186,9 @@ def accuracy(
     return out
 
 
+accuracy.answer_checked = True  # src.evaluate reports its mean as accuracy and its pass@k
+
+
 def copy_reward(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
     """Fraction of the completion's whitespace-separated words that occur in its prompt (0.0 when empty).
 

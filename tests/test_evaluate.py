@@ -161,3 +161,42 @@ def test_bad_predict_input_is_one_clear_error(run_cli, tmp_path):
         run_cli(["test", "--config", "grpo.yaml", *EVAL, f"--eval.reference_path={tmp_path / 'nope'}"])
     with pytest.raises(ValueError, match="has no language-model head"):
         run_cli(["predict", "--config", "rm.yaml", *EVAL])
+
+
+def test_evaluation_during_fit_logs_eval_metrics_every_n_steps(run_cli):
+    """--eval.every_n_steps N: the test metrics on a fixed held-out subset, as eval/* rows of metrics.csv."""
+    cli = run_cli(
+        [
+            "fit",
+            "--config",
+            "grpo.yaml",
+            *FAST,
+            "--eval.every_n_steps=2",
+            "--eval.num_prompts=4",
+            "--eval.max_new_tokens=8",
+            "--eval.num_samples=2",
+            "--eval.reward_funcs=[src.rewards.digit_fraction,src.rewards.accuracy]",
+        ]
+    )
+    import csv
+
+    with open(Path(cli.trainer.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("eval/win_rate")]
+    steps = [int(r["step"]) for r in rows]
+    assert len(steps) == len(set(steps)) >= 1  # once per evaluation step, not once per micro-batch
+    for r in rows:
+        assert 0 <= float(r["eval/win_rate"]) <= 1 and 0 <= float(r["eval/rewards/digit_fraction/mean"]) <= 1
+        assert float(r["eval/completions/mean_length"]) >= 1 and r["eval/pass@2"] != ""
+    assert cli.model.training  # evaluation puts the module back in training mode
+
+
+@pytest.mark.slow
+def test_trained_dpo_default_beats_its_reference_under_the_default_judge(run_cli):
+    """Done-when of issue 23: ``test`` of the trained DPO default, judged by configs/dpo.yaml's eval rewards (the
+    tiny preference: copy the prompt, fewer numbers), wins ≥ 0.7 against the reference (its initial weights)."""
+    run_cli(["fit", "--config", "dpo.yaml", "--trainer.enable_progress_bar=false"])
+    cli = run_cli(["test", "--config", "dpo.yaml", "--ckpt_path=runs/dpo/checkpoints/last.ckpt"])
+    metrics = cli.trainer.callback_metrics
+    assert float(metrics["test/win_rate"]) >= 0.7
+    assert float(metrics["test/rewards/digit_fraction/mean"]) < 0.1  # the reference's text is ~20% digits
+    assert (Path(cli.trainer.log_dir) / "test_summary.csv").read_text().startswith("metric,value\n")
