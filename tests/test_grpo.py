@@ -127,3 +127,14 @@ def test_reward_function_error_names_the_function(run_cli, tmp_path):
 
 def boom(prompts, completions, **_):
     raise ValueError("boom")
+
+
+def test_reference_uses_the_sampling_temperature(run_cli):
+    """Policy and reference score ``logits / T`` alike: at step 1 they are the same weights, so with T != 1 and β > 0
+    the logged KL is exactly 0 (it was ~0.005 when the reference scored raw logits)."""
+    cli = run_cli(
+        ["fit", "--config", "grpo.yaml", *FAST, "--model.init_args.temperature=0.7", "--model.init_args.beta=0.04"]
+    )
+    rows = read_metrics(cli.trainer.logger.log_dir)
+    first = next(r for r in rows if r.get("train/kl"))
+    assert int(first["step"]) <= 1 and float(first["train/kl"]) == 0.0, first

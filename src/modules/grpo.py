@@ -94,14 +94,15 @@ class GRPO(OnlineModule):
         )
 
     def ref_token_logps(self, buf: dict[str, Any], rows: slice | Tensor) -> Tensor:
-        """Per-token reference log-probs of ``rows`` (no autograd); the frozen copy shares prompts like the policy."""
+        """Per-token reference log-probs of ``rows`` (no autograd); the frozen copy shares prompts like the policy.
+        Logits are divided by the sampling temperature, as the policy's (and TRL's): at step 0 the KL is exactly 0."""
+        temperature = self.sampling.temperature or 1.0
         if self.ref_model is None:  # LoRA: the policy with its adapter disabled
-            return self.reference_logps(
-                buf["input_ids"][rows], buf["attention_mask"][rows], buf["completion_mask"][rows]
-            )
+            ids, attn, mask = buf["input_ids"][rows], buf["attention_mask"][rows], buf["completion_mask"][rows]
+            return self.reference_logps(ids, attn, mask, temperature=temperature)
         with torch.no_grad():
             logits, target = self.scoring_logits(self.ref_model, buf, rows)
-            return logps_from_logits(logits, buf["input_ids"][rows], target)[0]
+            return logps_from_logits(logits, buf["input_ids"][rows], target, temperature=temperature)[0]
 
     # -- the step -------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
