@@ -86,12 +86,21 @@ def scatter_tokens(values: Tensor, target: Tensor) -> Tensor:
 
 
 def logps_from_logits(
-    logits: Tensor, input_ids: Tensor, target: Tensor, *, temperature: float = 1.0, with_entropy: bool = False
+    logits: Tensor,
+    input_ids: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """``[B, T]`` log-probs (and entropies, no gradient) of the completion tokens from the ``[N, V]`` logits and the
-    ``[B, T-1]`` selector of :func:`completion_logits`; logits are divided by the sampling ``temperature``."""
+    """``[B, T]`` log-probs (and entropies, without gradient unless ``entropy_grad``) of the completion tokens from
+    the ``[N, V]`` logits and the ``[B, T-1]`` selector of :func:`completion_logits`; logits are divided by the
+    sampling ``temperature``."""
     labels = input_ids[:, 1:][target]
-    logps, entropy = token_logps_and_entropy(logits, labels, temperature=temperature, with_entropy=with_entropy)
+    logps, entropy = token_logps_and_entropy(
+        logits, labels, temperature=temperature, with_entropy=with_entropy, entropy_grad=entropy_grad
+    )
     return scatter_tokens(logps, target), None if entropy is None else scatter_tokens(entropy, target)
 
 

@@ -22,17 +22,22 @@ __all__ = [
     "DPO_LOSS_TYPES",
     "F_DIVERGENCES",
     "F_DIVERGENCE_LOSS_TYPES",
+    "CLIPPED_GRPO_LOSS_TYPES",
     "GRPO_LOSS_TYPES",
     "KL_ESTIMATORS",
     "LENGTH_NORMALISED_LOSS_TYPES",
+    "adaptive_entropy_coef",
     "adaptive_kl_update",
     "bradley_terry_loss",
+    "decoupled_group_advantages",
     "dpo_loss",
+    "entropy_bonus_loss",
     "entropy_from_logits",
     "f_divergence_score",
     "gae",
     "group_advantages",
     "grpo_loss",
+    "high_entropy_mask",
     "kl_estimate",
     "kl_penalized_rewards",
     "ld_dpo_logps",
@@ -41,13 +46,18 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "nanstd",
     "nll_loss",
+    "off_policy_sequence_mask",
     "ppo_policy_loss",
     "ppo_value_loss",
     "rloo_advantages",
+    "rloo_loss",
+    "sequence_kl_penalty",
     "simpo_loss",
     "token_logps",
     "token_logps_and_entropy",
+    "vespo_weights",
     "wpo_weights",
 ]
 
@@ -72,7 +82,9 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 # The losses of the chosen-rejected score difference alone: the f-DPO reparameterisation leaves a beta log Z(x) term
 # that cancels only there (TRL's list; "sft" does not use the scores at all).
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo")
+# The loss types of the clipped surrogate (the ones ``delta`` and the clip_ratio metrics apply to).
+CLIPPED_GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Elements of float32 scratch space a chunk of logits may occupy (64 MiB) in token_logps / entropy_from_logits.
@@ -105,7 +117,7 @@ class _TokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool
+        ctx, logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool, entropy_grad: bool = False
     ) -> tuple[Tensor, Tensor]:
         dtype = _compute_dtype(logits.dtype)
         out = torch.empty(labels.shape, dtype=dtype, device=logits.device)
@@ -121,11 +133,15 @@ class _TokenLogps(torch.autograd.Function):
                 entropy[s:e] = _entropy_from_logp(logp)
         ctx.save_for_backward(logits, labels)
         ctx.temperature = temperature
-        ctx.mark_non_differentiable(entropy)
+        ctx.entropy_grad = with_entropy and entropy_grad
+        if not ctx.entropy_grad:
+            ctx.mark_non_differentiable(entropy)
         return out, entropy
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor, _grad_entropy: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx, grad_out: Tensor, grad_entropy: Tensor
+    ) -> tuple[Tensor | None, None, None, None, None]:
         logits, labels = ctx.saved_tensors
         temperature = ctx.temperature
         dtype = _compute_dtype(logits.dtype)
@@ -136,15 +152,23 @@ class _TokenLogps(torch.autograd.Function):
             if temperature != 1.0:
                 x = x / temperature
             g = grad_out[s:e].to(dtype).unsqueeze(-1)
-            # d/dx [log softmax(x)_y] = onehot(y) - softmax(x); chain rule through x = logits / temperature.
-            chunk = torch.softmax(x, dim=-1).mul_(-g)
+            if ctx.entropy_grad:
+                # d/dx_j of H = -sum p log p is -p_j (log p_j + H); with the log-prob term: p (-g - g_H (log p + H))
+                logp = torch.log_softmax(x, dim=-1)
+                p = logp.exp()
+                ent = _entropy_from_logp(logp).unsqueeze(-1)
+                g_h = grad_entropy[s:e].to(dtype).unsqueeze(-1)
+                chunk = p * (-g - g_h * (logp.clamp(min=torch.finfo(logp.dtype).min) + ent))
+            else:
+                # d/dx [log softmax(x)_y] = onehot(y) - softmax(x); chain rule through x = logits / temperature.
+                chunk = torch.softmax(x, dim=-1).mul_(-g)
             chunk.scatter_add_(-1, labels[s:e].unsqueeze(-1), g)
             if temperature != 1.0:
                 chunk.div_(temperature)
             if grad is None:  # a single chunk: it is the gradient
-                return chunk.to(logits.dtype), None, None, None
+                return chunk.to(logits.dtype), None, None, None, None
             grad[s:e] = chunk
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def _entropy_from_logp(logp: Tensor) -> Tensor:
@@ -175,23 +199,34 @@ def token_logps(logits: Tensor, labels: Tensor, *, temperature: float = 1.0) -> 
 
 
 def token_logps_and_entropy(
-    logits: Tensor, labels: Tensor, *, temperature: float = 1.0, with_entropy: bool = True
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`token_logps` and, from the same chunk-wise log-softmax, the entropy of ``softmax(logits /
-    temperature)`` at each position (no gradient; what :func:`entropy_from_logits` computes, without a second pass
-    over the ``[..., V]`` logits). ``with_entropy=False`` returns ``(logps, None)``."""
+    temperature)`` at each position (what :func:`entropy_from_logits` computes, without a second pass over the
+    ``[..., V]`` logits). ``with_entropy=False`` returns ``(logps, None)``. The entropy has no gradient unless
+    ``entropy_grad`` (an entropy bonus): then backward also recomputes ``dH/dz = -p (log p + H) / temperature``
+    chunk-wise."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on leading dims")
     if logits.dim() == 1:  # a single position
         lp, ent = token_logps_and_entropy(
-            logits.unsqueeze(0), labels.unsqueeze(0), temperature=temperature, with_entropy=with_entropy
+            logits.unsqueeze(0),
+            labels.unsqueeze(0),
+            temperature=temperature,
+            with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
         )
         return lp.squeeze(0), None if ent is None else ent.squeeze(0)
     labels = labels.long()
     valid = labels >= 0
-    logps, entropy = _TokenLogps.apply(logits, labels.clamp(min=0), float(temperature), with_entropy)
+    logps, entropy = _TokenLogps.apply(logits, labels.clamp(min=0), float(temperature), with_entropy, entropy_grad)
     logps = torch.where(valid, logps, torch.zeros((), dtype=logps.dtype, device=logps.device))
     return logps, entropy if with_entropy else None
 
@@ -663,43 +698,256 @@ def _grouped(rewards: Tensor, group_size: int, min_size: int = 1) -> Tensor:
     return rewards.reshape(-1, group_size)
 
 
+def nanstd(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    """Unbiased std over the non-NaN entries, NaN where fewer than 2 remain (TRL's ``nanstd``). Without any NaN it
+    is ``x.std`` itself, so NaN-free rewards give bit for bit the advantages they always gave."""
+    if not bool(torch.isnan(x).any()) and (x.shape[dim] if dim is not None else x.numel()) > 1:
+        return x.std(dim, keepdim=keepdim) if dim is not None else x.std()
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True).to(x.dtype)
+    var = var * torch.where(count > 1, count / (count - 1), torch.full_like(count, math.nan))
+    std = var.sqrt()
+    if not keepdim:
+        std = std.squeeze(dim) if dim is not None else std.reshape(())
+    return std
+
+
 def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4) -> Tensor:
-    """Group-relative advantages of GRPO (Shao et al. 2024, DeepSeekMath): ``A_i = r_i - mean(group)`` divided by
+    """Group-relative advantages of GRPO (Shao et al. 2024, DeepSeekMath, Sec. 4.1.2):
+    ``A_i = (r_i - mean(group)) / (std(group) + eps)``, with the std taken as
 
-    - ``"group"``: ``std(group) + eps`` (unbiased std, the original GRPO);
-    - ``"batch"``: ``std(all rewards) + eps`` (Hu 2025, REINFORCE++ / TRL ``scale_rewards="batch"``);
-    - ``"none"``: nothing (Liu et al. 2025, Dr. GRPO).
+    - ``"group"``: ``std(group)`` (unbiased std, the original GRPO);
+    - ``"batch"``: ``std(all rewards)`` (Hu 2025, REINFORCE++ / TRL ``scale_rewards="batch"``);
+    - ``"none"``: no division (Liu et al. 2025, Dr. GRPO).
 
-    Groups are ``group_size`` consecutive entries of ``rewards`` (``[B]``, ``B`` divisible by ``group_size``). A
-    group of size 1 has std 0 (its advantage is 0).
+    Groups are ``group_size`` consecutive entries of ``rewards`` (``[B]``, ``B`` divisible by ``group_size``).
+    A NaN reward marks an unscorable completion (every reward function returned None): it is left out of its group's
+    mean and std (``nanmean`` / ``nanstd``) and gets advantage 0, as in TRL 1.16's GRPOTrainer; so does every member
+    of a group with a single scorable completion under ``"group"`` scaling (its std is undefined). A group of size 1
+    has std 0 (its advantage is 0).
     """
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"Unknown scale {scale!r}; expected 'group', 'batch' or 'none'")
     grouped = _grouped(rewards, group_size)
-    adv = grouped - grouped.mean(dim=1, keepdim=True)
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    adv = grouped - mean
     if scale == "group":
-        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
+        std = nanstd(grouped, dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
         adv = adv / (std + eps)
     elif scale == "batch":
-        std = rewards.std() if rewards.numel() > 1 else torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+        std = nanstd(rewards) if rewards.numel() > 1 else torch.zeros((), dtype=rewards.dtype, device=rewards.device)
         adv = adv / (std + eps)
-    return adv.reshape(rewards.shape)
+    return torch.nan_to_num(adv, nan=0.0).reshape(rewards.shape)
 
 
-def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
-    """REINFORCE leave-one-out advantages (Ahmadian et al. 2024, "Back to basics"; Kool et al. 2019):
+def rloo_advantages(rewards: Tensor, group_size: int, *, normalize: bool = False, eps: float = 1e-4) -> Tensor:
+    """REINFORCE leave-one-out advantages (Ahmadian et al. 2024, "Back to basics", Eq. 7; Kool et al. 2019):
 
     ``A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean(group))`` with ``G = group_size >= 2`` consecutive
-    entries per group.
+    entries per group. With ``normalize`` (TRL's ``normalize_advantages``) they are then whitened over the batch,
+    ``(A - mean(A)) / (std(A) + eps)``.
+
+    A NaN reward (unscorable completion) is left out: the baseline averages the scorable siblings only,
+    ``(sum_{j scorable} r_j - r_i) / (n_scorable - 1)``, the normalisation skips it, and its advantage is 0; a group
+    with a single scorable completion gives 0 too (TRL 1.16's RLOOTrainer).
     """
     grouped = _grouped(rewards, group_size, min_size=2)
-    adv = (grouped - grouped.mean(dim=1, keepdim=True)) * (group_size / (group_size - 1))
-    return adv.reshape(rewards.shape)
+    nan = torch.isnan(grouped)
+    if not bool(nan.any()):
+        adv = (grouped - grouped.mean(dim=1, keepdim=True)) * (group_size / (group_size - 1))
+    else:
+        count = (~nan).sum(dim=1, keepdim=True).to(grouped.dtype)
+        adv = grouped - (torch.nansum(grouped, dim=1, keepdim=True) - grouped) / (count - 1)
+    adv = adv.reshape(rewards.shape)
+    if normalize:
+        adv = (adv - torch.nanmean(adv)) / (nanstd(adv) + eps)
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+def decoupled_group_advantages(
+    rewards_per_func: Tensor, weights: Tensor, group_size: int, *, eps: float = 1e-4
+) -> Tensor:
+    """GDPO advantages, TRL's ``multi_objective_aggregation="normalize_then_sum"`` (Liu et al. 2026, "GDPO: Group
+    reward-Decoupled Normalization Policy Optimization for Multi-reward RL Optimization", arXiv:2601.05242):
+    each reward function ``k`` is normalised within its group first, ``z_ik = (r_ik - mean_g(r_k)) / (std_g(r_k) +
+    eps)``, then summed with the weights, ``s_i = sum_k w_k z_ik``, and the sum is normalised over the batch,
+    ``A_i = (s_i - mean(s)) / (std(s) + eps)``.
+
+    NaN entries (a function returned None) are skipped by every mean, std and sum; a completion with NaN for every
+    function is unscorable: it is left out of the batch statistics and gets advantage 0.
+
+    Args:
+        rewards_per_func: ``[B, F]`` raw rewards, NaN for None.
+        weights: ``[F]`` reward weights.
+        group_size: ``G`` consecutive rows per prompt.
+
+    Returns:
+        ``[B]`` advantages.
+    """
+    if rewards_per_func.dim() != 2:
+        raise ValueError(f"rewards_per_func must be [B, F], got {tuple(rewards_per_func.shape)}")
+    n_funcs = rewards_per_func.shape[1]
+    unscorable = torch.isnan(rewards_per_func).all(dim=1)
+    grouped = _grouped(rewards_per_func.reshape(-1), group_size * n_funcs).reshape(-1, group_size, n_funcs)
+    mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+    std_k = nanstd(grouped, dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean_k)
+    z = ((grouped - mean_k) / (std_k + eps)).reshape(-1, n_funcs)
+    summed = torch.nansum(z * weights.to(z).unsqueeze(0), dim=1)
+    summed = torch.where(unscorable, torch.full_like(summed, math.nan), summed)
+    std = nanstd(summed) if summed.numel() > 1 else torch.zeros_like(summed)
+    adv = (summed - torch.nanmean(summed)) / (std + eps)
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+def sequence_kl_penalty(logps: Tensor, ref_logps: Tensor, mask: Tensor) -> Tensor:
+    """``sum_t (log pi(y_t) - log pi_ref(y_t))`` over each completion's real tokens (k1 summed, ``[B]``): the KL
+    RLOO subtracts from the sequence reward, ``r - beta * KL`` (Ahmadian et al. 2024, Sec. 3; TRL's RLOOTrainer)."""
+    return masked_sum(kl_estimate(logps, ref_logps, "k1"), mask, dim=-1)
+
+
+def rloo_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The RLOO objective of TRL 1.16's RLOOTrainer (Ahmadian et al. 2024, "Back to basics", Eq. 7-8, with a
+    PPO-style clip for off-policy reuse): one importance ratio per *sequence*,
+    ``w = exp(sum_t log pi(y_t) - sum_t log pi_old(y_t))``, and ``loss = mean_i -min(w_i A_i, clip(w_i, 1 - eps_low,
+    1 + eps_high) A_i)``. The KL to the reference is not in the loss: it is folded into the reward
+    (:func:`sequence_kl_penalty`) before the leave-one-out advantages (:func:`rloo_advantages`).
+
+    Args:
+        logps, old_logps: ``[B, T]`` token log-probs of the current and of the sampling policy.
+        advantages: ``[B]`` sequence advantages.
+        mask: ``[B, T]`` completion mask (an empty completion has ``w = 1``).
+
+    Returns:
+        ``(loss, metrics)``: the mean over sequences and detached ``clip_ratio/{low,high,region}_mean`` (fractions of
+        sequences).
+    """
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    seq = masked_sum(logps, mask, dim=-1)
+    old_seq = masked_sum(old_logps.to(logps.dtype), mask, dim=-1)
+    advantages = advantages.reshape(-1).to(logps.dtype)
+    ratio = torch.exp(seq - old_seq)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + eps_high)
+    loss = (-torch.min(ratio * advantages, clipped * advantages)).mean()
+    with torch.no_grad():
+        low = (ratio < 1 - epsilon_low) & (advantages < 0)
+        high = (ratio > 1 + eps_high) & (advantages > 0)
+        metrics = {
+            "clip_ratio/low_mean": low.float().mean(),
+            "clip_ratio/high_mean": high.float().mean(),
+            "clip_ratio/region_mean": (low | high).float().mean(),
+        }
+    return loss, metrics
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # GRPO
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def off_policy_sequence_mask(
+    advantages: Tensor, logps: Tensor, sampling_logps: Tensor, mask: Tensor, threshold: float
+) -> Tensor:
+    """Off-policy sequence mask of DeepSeek-V3.2 (DeepSeek-AI 2025, arXiv:2512.02556, Eq. 9), TRL's
+    ``off_policy_mask_threshold``: a sequence with negative advantage whose mean token KL from the sampling policy,
+    ``mean_t (log pi_old(y_t) - log pi(y_t))``, exceeds ``threshold`` (the paper's delta) is dropped:
+    ``M_i = 1[A_i >= 0 or KL_i <= threshold]``. No gradient; NaN sampling log-probs count as 0.
+
+    Returns:
+        ``[B, 1]`` mask (1 keep, 0 drop) in ``mask``'s float dtype.
+    """
+    m = _mask_like(logps, mask)
+    kl = torch.nan_to_num(sampling_logps - logps.detach(), nan=0.0)
+    avg = _zero_fill(kl, m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1).to(kl.dtype)
+    adv = advantages.reshape(-1, 1) if advantages.dim() == 1 else advantages
+    dtype = mask.dtype if mask.is_floating_point() else logps.dtype
+    return ((adv >= 0) | (avg <= threshold)).to(dtype)
+
+
+def high_entropy_mask(
+    entropies: Tensor, mask: Tensor, top_entropy_quantile: float, *, pool: Tensor | None = None
+) -> Tensor:
+    """Tokens in the top ``rho = top_entropy_quantile`` of entropies (Wang et al. 2025, "Beyond the 80/20 Rule:
+    High-Entropy Minority Tokens Drive Effective Reinforcement Learning for LLM Reasoning", arXiv:2506.01939, Eq. 8),
+    TRL's ``top_entropy_quantile``: ``M_t = 1[H_t >= quantile_{1 - rho}(H)]``, the quantile over the real tokens
+    (float32, linear interpolation as ``torch.quantile``). ``rho = 1`` keeps every token, ``rho = 0`` the highest.
+
+    Args:
+        entropies, mask: ``[B, T]``.
+        pool: the entropies the quantile is taken over, when wider than this batch (TRL: every rank's micro-batch);
+            default: ``entropies`` at ``mask``.
+
+    Returns:
+        ``[B, T]`` bool mask (always False outside ``mask``).
+    """
+    if not 0.0 <= top_entropy_quantile <= 1.0:
+        raise ValueError(f"top_entropy_quantile must lie in [0, 1], got {top_entropy_quantile}")
+    m = _mask_like(entropies, mask)
+    values = (entropies[m] if pool is None else pool).float()
+    if values.numel() == 0:
+        return torch.zeros_like(m)
+    threshold = torch.quantile(values, 1.0 - top_entropy_quantile)
+    return (_zero_fill(entropies, m) >= threshold) & m
+
+
+@torch.no_grad()
+def vespo_weights(
+    advantages: Tensor,
+    log_ratio: Tensor,
+    mask: Tensor,
+    *,
+    k_pos: float = 2.0,
+    lambda_pos: float = 3.0,
+    k_neg: float = 3.0,
+    lambda_neg: float = 2.0,
+) -> Tensor:
+    """VESPO's gamma weights of the sequence importance ratio (Variational Sequence-Level Soft Policy Optimization,
+    arXiv:2602.10693), as TRL 1.16's ``get_gamma_weights``: with ``w = exp(clamp(sum_t clamp(log_ratio_t, -20, 20),
+    log 1e-8, 20))``, ``phi(w) = exp(lambda + k log w - lambda w)`` (``= e^lambda w^k e^(-lambda w)``, so
+    ``phi(1) = 1``), ``(k, lambda) = (k_pos, lambda_pos)`` where ``A >= 0`` else ``(k_neg, lambda_neg)``; lambda is
+    clamped at 1e-4. No gradient: ``phi`` only scales ``A * grad log pi``. Non-finite values become 0.
+
+    Returns:
+        ``[B, 1]`` weights.
+    """
+    m = _mask_like(log_ratio, mask)
+    lower = math.log(1e-8)
+    seq = _zero_fill(torch.clamp(log_ratio, -20.0, 20.0), m).sum(-1, keepdim=True)
+    log_w = torch.clamp(seq, lower, 20.0)
+    adv = advantages.reshape(-1, 1) if advantages.dim() == 1 else advantages
+    nonneg = adv >= 0
+    k = torch.where(nonneg, k_pos, k_neg)
+    lam = torch.where(nonneg, lambda_pos, lambda_neg).clamp(min=1e-4)
+    log_phi = lam + k * log_w - lam * torch.exp(log_w)
+    return torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def entropy_bonus_loss(entropies: Tensor, mask: Tensor, coef: float) -> Tensor:
+    """Entropy regularisation ``-coef * mean_t H_t`` over the masked tokens (Williams & Peng 1991; Mnih et al. 2016,
+    A3C, Eq. 1's entropy term), TRL's GRPO ``entropy_coef``: the mean per-token entropy whatever the ``loss_type``
+    normaliser, so ``coef`` means the same for every loss type. ``entropies`` must carry a gradient for the bonus
+    to act (``token_logps_and_entropy(..., entropy_grad=True)``)."""
+    return -coef * masked_mean(entropies, mask)
+
+
+def adaptive_entropy_coef(
+    coef: float, entropy: float | Tensor, *, target: float, delta: float, coef_min: float, coef_max: float
+) -> float:
+    """Adaptive entropy control of Skywork-OR1 (He et al. 2025, arXiv:2505.22312, Sec. 3.2.5), TRL's
+    ``use_adaptive_entropy``: after each optimizer step ``c <- min(c + delta, c_max)`` if the measured entropy is at
+    or below ``target``, else ``c <- max(c - delta, c_min)``. (The bonus of a step is applied only while the previous
+    step's entropy was at or below the target.)"""
+    if float(entropy) <= target:
+        return min(float(coef) + delta, coef_max)
+    return max(float(coef) - delta, coef_min)
 
 
 def grpo_loss(
@@ -718,27 +966,50 @@ def grpo_loss(
     num_items: int | Tensor | None = None,
     importance_sampling_level: str = "token",
     kl_ratio_correction: bool = True,
+    delta: float | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    off_policy_mask_threshold: float | None = None,
+    sampling_logps: Tensor | None = None,
+    token_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate GRPO loss (Shao et al. 2024) with TRL's variants.
+    """Clipped surrogate GRPO loss (Shao et al. 2024) with TRL 1.16's variants (``GRPOTrainer._compute_loss``).
 
-    Per token: ``l_t = -min(w_t A, clip(w_t, 1 - eps_low, 1 + eps_high) A) + beta * KL_t`` with
-    ``w_t = exp(logp_t - old_logp_t)`` and ``KL_t = kl_estimate(logp_t, ref_logp_t, kl)``; with
-    ``kl_ratio_correction`` the KL term is importance-weighted, ``w_t * KL_t`` (TRL ``use_bias_correction_kl``).
-    ``eps_high`` defaults to ``eps_low``; a larger one is DAPO's clip-higher (Yu et al. 2025).
-    ``importance_sampling_level="sequence"`` is GSPO (Zheng et al. 2025): one weight per sequence,
-    ``w = exp(mean_t(logp_t - old_logp_t))`` over its real tokens.
+    With ``w_t = exp(logp_t - old_logp_t)`` (``importance_sampling_level="sequence"``: GSPO, Zheng et al. 2025, one
+    weight per sequence, ``w = exp(mean_t(logp_t - old_logp_t))`` over its real tokens), the per-token policy term is
+
+    - ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``luspo``: ``-min(w_t A, clip(w_t, 1 - eps_low, 1 + eps_high) A)``;
+      ``eps_high`` defaults to ``eps_low``, a larger one is DAPO's clip-higher (Yu et al. 2025); with ``delta`` the
+      unclipped branch is capped too, ``min(w_t, delta)`` (two-sided clipping, INTELLECT-2, Prime Intellect 2025,
+      arXiv:2505.07291, Sec. 3.3; recommended ``delta > 1 + eps_high``);
+    - ``cispo``: ``-sg(min(w_t, eps_high)) A logp_t`` (MiniMax-M1, MiniMax 2025, arXiv:2506.13585, Eq. 4: the
+      clipped weight is detached and scales REINFORCE's gradient; ``eps_high`` is the absolute bound, e.g. 5.0);
+    - ``sapo``: ``-(4 / tau) s(tau (w_t - 1)) A``, ``tau = sapo_temperature_pos`` if ``A > 0`` else
+      ``sapo_temperature_neg`` (Soft Adaptive Policy Optimization, Gao et al. 2025, arXiv:2511.20347, Eq. 5);
+    - ``vespo``: ``-phi(W) A logp_t`` with :func:`vespo_weights` ``phi`` of the sequence ratio ``W`` (VESPO);
+
+    multiplied by the off-policy mask (:func:`off_policy_sequence_mask` with ``off_policy_mask_threshold``, from
+    ``sampling_logps``, default ``old_logps``) and by ``token_mask`` (e.g. :func:`high_entropy_mask`), then
+    ``+ beta * KL_t`` with ``KL_t = kl_estimate(logp_t, ref_logp_t, kl)``, importance-weighted ``w_t KL_t`` when
+    ``kl_ratio_correction`` (TRL ``use_bias_correction_kl``; the uncapped ``w``).
 
     Aggregation (``loss_type``):
 
-    - ``"grpo"``: mean over the tokens of each sequence, then mean over sequences (Shao et al. 2024);
+    - ``"grpo"``, ``"sapo"``: mean over the tokens of each sequence, then mean over sequences (Shao et al. 2024);
     - ``"bnpo"``: ``sum_t l_t / sum(mask)`` over the local batch;
     - ``"dr_grpo"``: ``sum_t l_t / (B * max_completion_length)`` (Liu et al. 2025, Dr. GRPO);
-    - ``"dapo"``: ``sum_t l_t / num_items`` (Yu et al. 2025, DAPO token-level loss), ``num_items`` being the
-      number of real tokens of the whole global batch, across accumulation steps and ranks (default: local
-      ``mask.sum()``). The caller owns the reduction convention: Lightning divides a training-step loss by
-      ``accumulate_grad_batches`` and DDP averages gradients over ranks, so pass
+    - ``"dapo"``, ``"cispo"``, ``"vespo"``: ``sum_t l_t / num_items`` (Yu et al. 2025, DAPO token-level loss),
+      ``num_items`` being the number of real tokens of the whole global batch, across accumulation steps and ranks
+      (default: local ``mask.sum()``). The caller owns the reduction convention: Lightning divides a training-step
+      loss by ``accumulate_grad_batches`` and DDP averages gradients over ranks, so pass
       ``num_items / (accumulate_grad_batches * world_size)`` (TRL passes ``num_items / num_processes``) to get
-      exactly ``sum over all tokens / num_items``.
+      exactly ``sum over all tokens / num_items``;
+    - ``"luspo"``: ``mean_i sum_t l_t``, each sequence's loss scaled by its length (Length-Unbiased Sequence Policy
+      Optimization, arXiv:2602.05261; meant for ``importance_sampling_level="sequence"``).
 
     Args:
         logps: ``[B, T]`` current policy token log-probs (with grad).
@@ -749,9 +1020,10 @@ def grpo_loss(
 
     Returns:
         ``(loss, metrics)``: a 0-d loss and detached 0-d tensors ``kl`` (masked mean of the per-token KL term,
-        importance-weighted when corrected, 0 when ``beta == 0``), ``clip_ratio/low_mean`` (``w < 1 - eps_low``
-        and ``A < 0``), ``clip_ratio/high_mean`` (``w > 1 + eps_high`` and ``A > 0``) and
-        ``clip_ratio/region_mean`` (either), as fractions of real tokens (of sequences for GSPO, as in TRL).
+        importance-weighted when corrected, 0 when ``beta == 0``); for the clipped losses ``clip_ratio/low_mean``
+        (``w < 1 - eps_low`` and ``A < 0``), ``clip_ratio/high_mean`` (``w > 1 + eps_high`` and ``A > 0``) and
+        ``clip_ratio/region_mean`` (either), as fractions of real tokens (of sequences for GSPO, as in TRL);
+        ``cispo_clip_ratio`` (``w > eps_high`` and ``A > 0``) for CISPO, ``vespo/phi_seq_mean`` for VESPO.
     """
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"Unknown GRPO loss_type {loss_type!r}; expected one of {GRPO_LOSS_TYPES}")
@@ -782,8 +1054,6 @@ def grpo_loss(
     else:
         log_w = (log_ratio * mf).sum(-1, keepdim=True) / mf.sum(-1, keepdim=True).clamp(min=1)
     ratio = torch.exp(log_w)  # [B, T] or [B, 1]
-    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-    per_token = -torch.min(ratio * advantages, clipped * advantages)
 
     per_token_kl = None
     if beta != 0.0:
@@ -791,16 +1061,49 @@ def grpo_loss(
         per_token_kl = kl_estimate(logps, _zero_fill(ref_logps, m), kl)
         if kl_ratio_correction:
             per_token_kl = per_token_kl * ratio
+
+    extra: dict[str, Tensor] = {}
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=eps_high).detach() * advantages * logps
+    elif loss_type == "sapo":
+        tau = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg).to(logps.dtype)
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages
+    elif loss_type == "vespo":
+        phi = vespo_weights(
+            advantages,
+            log_ratio,
+            m,
+            k_pos=vespo_k_pos,
+            lambda_pos=vespo_lambda_pos,
+            k_neg=vespo_k_neg,
+            lambda_neg=vespo_lambda_neg,
+        )
+        extra["vespo/phi_seq_mean"] = phi.mean()
+        per_token = -phi * advantages * logps
+    else:
+        clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+        if delta is not None:
+            ratio = torch.clamp(ratio, max=delta)  # TRL: the capped ratio also feeds the clip metrics
+        per_token = -torch.min(ratio * advantages, clipped * advantages)
+
+    if off_policy_mask_threshold is not None:
+        sampling = old_logps if sampling_logps is None else _zero_fill(sampling_logps.to(logps.dtype), m)
+        per_token = per_token * off_policy_sequence_mask(advantages, logps, sampling, mf, off_policy_mask_threshold)
+    if token_mask is not None:
+        per_token = per_token * _mask_like(logps, token_mask).to(logps.dtype)
+    if per_token_kl is not None:
         per_token = per_token + beta * per_token_kl
     per_token = per_token * mf  # broadcasts the [B, 1] case; padding is exactly 0 here
 
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         loss = (per_token.sum(-1) / mf.sum(-1).clamp(min=1)).mean()
     elif loss_type == "bnpo":
         loss = per_token.sum() / mf.sum().clamp(min=1)
     elif loss_type == "dr_grpo":
         loss = per_token.sum() / (per_token.shape[0] * max_completion_length)
-    else:  # dapo
+    elif loss_type == "luspo":
+        loss = per_token.sum(-1).mean()
+    else:  # dapo, cispo, vespo
         normalizer = mf.sum() if num_items is None else num_items
         if isinstance(normalizer, Tensor):
             normalizer = normalizer.to(per_token.dtype).clamp(min=1)
@@ -816,14 +1119,18 @@ def grpo_loss(
                 return x.float().mean()
             return (x.to(mf.dtype) * mf).sum() / n_tok
 
-        low = (ratio < 1 - eps_low) & (advantages < 0)
-        high = (ratio > 1 + eps_high) & (advantages > 0)
         metrics = {
-            "kl": batch_mean(per_token_kl.detach()) if per_token_kl is not None else logps.new_zeros(()).detach(),
-            "clip_ratio/low_mean": batch_mean(low),
-            "clip_ratio/high_mean": batch_mean(high),
-            "clip_ratio/region_mean": batch_mean(low | high),
+            "kl": batch_mean(per_token_kl.detach()) if per_token_kl is not None else logps.new_zeros(()).detach()
         }
+        if loss_type in CLIPPED_GRPO_LOSS_TYPES:
+            low = (ratio < 1 - eps_low) & (advantages < 0)
+            high = (ratio > 1 + eps_high) & (advantages > 0)
+            metrics["clip_ratio/low_mean"] = batch_mean(low)
+            metrics["clip_ratio/high_mean"] = batch_mean(high)
+            metrics["clip_ratio/region_mean"] = batch_mean(low | high)
+        elif loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = batch_mean((ratio > eps_high) & (advantages > 0))
+        metrics.update({k: v.detach() for k, v in extra.items()})
     return loss, metrics
 
 

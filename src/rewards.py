@@ -6,7 +6,9 @@ A reward function has the signature (as in TRL)::
 
 ``columns`` holds the dataset's other columns for the batch (e.g. ``answer``), one value per sample; functions take
 what they need and ignore the rest via ``**_``. ``None`` means "not applicable to this sample": it is left out of
-that function's mean and contributes nothing to the total. In YAML a function is named by its import path
+that function's mean and contributes nothing to the total. A sample for which *every* function returns None is
+unscorable: its total is NaN, which the advantage estimators of ``src.losses`` leave out of the baseline and turn
+into advantage 0 (TRL 1.16's semantics). In YAML a function is named by its import path
 (``src.rewards.digit_fraction``, or ``pkg.mod:func``); a parameterised one is a class given with ``class_path`` and
 ``init_args``, whose instances are callable.
 """
@@ -41,6 +43,7 @@ __all__ = [
     "LengthPenalty",
     "RewardModelScorer",
     "RewardScorer",
+    "combine_rewards",
 ]
 
 RewardFunction = Callable[..., list[float | None]]
@@ -319,12 +322,22 @@ class RewardModelScorer:
 # --------------------------------------------------------------------------------------------------------------------
 # Combining several reward functions
 # --------------------------------------------------------------------------------------------------------------------
+def combine_rewards(rewards_per_func: Tensor, weights: Tensor) -> Tensor:
+    """The weighted total of ``[B, F]`` per-function rewards (NaN for None), as TRL 1.16's GRPO/RLOO trainers:
+    ``nansum_k(w_k r_k)`` where at least one function scored the sample, NaN where none did (an unscorable sample;
+    ``nansum`` alone would make it 0 and let it bias its group's baseline)."""
+    total = torch.nansum(rewards_per_func * weights.to(rewards_per_func).unsqueeze(0), dim=1)
+    unscorable = torch.isnan(rewards_per_func).all(dim=1)
+    return torch.where(unscorable, torch.full_like(total, math.nan), total)
+
+
 class RewardScorer:
     """Calls several reward functions, checks their output and combines them with weights (TRL semantics).
 
-    Per-function rewards form ``[B, F]`` with NaN for None; the total is ``nansum(rewards * weights, dim=1)``, so a
-    None contributes nothing. A sample where every function returns None triggers a warning (as in TRL) and gets
-    total 0.0. Metrics ``rewards/<name>/mean`` and ``rewards/<name>/std`` are over that function's non-None samples
+    Per-function rewards form ``[B, F]`` with NaN for None; the total is :func:`combine_rewards`,
+    ``nansum(rewards * weights, dim=1)``, so a None contributes nothing. A sample where every function returns None
+    triggers a warning (as in TRL) and gets total NaN: GRPO, RLOO and PPO leave it out of their baselines and give it
+    advantage 0. Metrics ``rewards/<name>/mean`` and ``rewards/<name>/std`` are over that function's non-None samples
     (NaN if it returned None for all).
 
     Args:
@@ -376,17 +389,22 @@ class RewardScorer:
     def __call__(
         self, prompts: list[str], completions: list[str], columns: dict[str, Sequence] | None = None, **extra: Any
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total reward ``[B]`` and per-function metrics ``{"rewards/<name>/mean": ..., ".../std": ...}``."""
-        per_func = self.score(prompts, completions, columns, **extra)
+        """Total reward ``[B]`` (NaN where every function returned None) and per-function metrics
+        ``{"rewards/<name>/mean": ..., ".../std": ...}``."""
+        return self.combine(self.score(prompts, completions, columns, **extra))
+
+    def combine(self, per_func: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """:func:`combine_rewards` of raw ``[B, F]`` rewards from :meth:`score`, and the per-function metrics."""
         all_none = per_func.isnan().all(dim=1)
         if all_none.any():
             rows = all_none.nonzero().flatten().tolist()
             warnings.warn(
                 f"All reward functions returned None for samples {rows[:10]}{' ...' if len(rows) > 10 else ''}; "
-                "their total reward is 0. Make sure at least one reward function applies to every sample.",
-                stacklevel=2,
+                "their total reward is NaN: they get advantage 0 and stay out of their group's baseline. Make sure "
+                "at least one reward function applies to every sample.",
+                stacklevel=3,
             )
-        total = torch.nansum(per_func * self.weights, dim=1)
+        total = combine_rewards(per_func, self.weights)
         metrics: dict[str, Tensor] = {}
         for j, name in enumerate(self.names):
             col = per_func[:, j]

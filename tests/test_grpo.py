@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 from src.data.tiny import generate_rows
+from src.losses import group_advantages
 from src.modules.grpo import GRPO
 from tests.conftest import FAST, RecordingOptimizer, column, read_metrics
 
@@ -29,7 +31,15 @@ def buffer(m: GRPO, batch):
     buf["old_logps"] = buf["ref_logps"] = None
     if m.hparams.beta > 0:
         buf["ref_logps"] = m.reference_logps(buf["input_ids"], buf["attention_mask"], buf["completion_mask"])
-    return buf, m.advantages(buf["rewards"])
+    return buf, m.advantages(buf["rewards"], buf)
+
+
+def drive(m: GRPO, optimizer) -> GRPO:
+    """Let ``training_step`` run without a Trainer: ``optimizer`` steps, no scheduler, no logging."""
+    m.optimizers = lambda: optimizer
+    m.lr_schedulers = lambda: None
+    m.log = lambda *a, **k: None
+    return m
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
@@ -127,3 +137,147 @@ def test_reward_function_error_names_the_function(run_cli, tmp_path):
 
 def boom(prompts, completions, **_):
     raise ValueError("boom")
+
+
+def test_reference_uses_the_sampling_temperature(run_cli):
+    """Policy and reference score ``logits / T`` alike: at step 1 they are the same weights, so with T != 1 and β > 0
+    the logged KL is exactly 0 (it was ~0.005 when the reference scored raw logits)."""
+    cli = run_cli(
+        ["fit", "--config", "grpo.yaml", *FAST, "--model.init_args.temperature=0.7", "--model.init_args.beta=0.04"]
+    )
+    rows = read_metrics(cli.trainer.logger.log_dir)
+    first = next(r for r in rows if r.get("train/kl"))
+    assert int(first["step"]) <= 1 and float(first["train/kl"]) == 0.0, first
+
+
+def unscorable_rows(prompts, completions, **_):
+    """Rows 1, 5 and 6 get None (row 1 in group 0, rows 5-6 in group 1); the others a spread of values."""
+    return [None if i in (1, 5, 6) else float(len(c) % 7) + 0.1 * i for i, c in enumerate(completions)]
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_unscorable_completions_get_no_advantage_and_stay_out_of_the_baseline(prompt_batch, advantage):
+    """An all-None completion used to score 0 and enter its group's mean and std (TRL: NaN, left out, advantage 0)."""
+    batch, tok = prompt_batch
+    m = offline_module(tok, reward_funcs=[unscorable_rows], advantage=advantage)
+    with pytest.warns(UserWarning, match="All reward functions returned None"):
+        buf, adv = buffer(m, batch)
+    rewards = buf["rewards"]
+    assert rewards[[1, 5, 6]].isnan().all() and torch.isfinite(rewards[[0, 2, 3, 4, 7]]).all()
+    assert torch.all(adv[[1, 5, 6]] == 0)
+    for rows in ([0, 2, 3], [4, 7]):  # the scorable rows' advantages are those of their group without the others
+        r = rewards[rows].double()
+        if advantage == "grpo":
+            expected = (r - r.mean()) / (r.std() + 1e-4)
+        else:
+            expected = r - (r.sum() - r) / (len(rows) - 1)
+        torch.testing.assert_close(adv[rows].double(), expected, rtol=1e-5, atol=1e-6)
+    # nothing of it reaches the loss
+    loss, _ = m._optimizer_step(buf, adv, slice(0, 16), RecordingOptimizer(m.model.parameters()))
+    assert math.isfinite(loss.item())
+
+
+def test_normalize_then_sum_is_gdpo(prompt_batch):
+    batch, tok = prompt_batch
+    funcs = [lambda prompts, completions, **_: [float(len(c) % 7) for c in completions], "src.rewards.digit_fraction"]
+    m = offline_module(
+        tok, reward_funcs=funcs, reward_weights=[1.0, 2.0], multi_objective_aggregation="normalize_then_sum"
+    )
+    buf, adv = buffer(m, batch)
+    per_func = buf["rewards_per_func"].double()
+    z = torch.stack([group_advantages(per_func[:, k], 4) for k in range(2)], 1)  # per function, per group
+    s = z @ torch.tensor([1.0, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(adv.double(), (s - s.mean()) / (s.std() + 1e-4), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"loss_type": "rloo"}, "loss_type='rloo'.*advantage='rloo'"),
+        ({"loss_type": "rloo", "advantage": "rloo", "importance_sampling_level": "sequence"}, "importance_sampling"),
+        ({"normalize_advantages": True}, "normalize_advantages.*advantage='rloo'"),
+        ({"delta": 2.0, "loss_type": "sapo"}, "delta.*loss_type"),
+        ({"loss_type": "cispo"}, "cispo.*epsilon_high"),
+        ({"sync_ref_model": True}, "sync_ref_model.*beta"),
+        ({"sync_ref_model": True, "beta": 0.04, "lora": {"r": 4}}, "sync_ref_model.*lora"),
+        ({"multi_objective_aggregation": "normalize_then_sum", "advantage": "rloo"}, "normalize_then_sum.*advantage"),
+        ({"multi_objective_aggregation": "normalize_then_sum", "scale_rewards": "none"}, "scale_rewards.*normalize"),
+        ({"top_entropy_quantile": 0.2, "loss_type": "rloo", "advantage": "rloo"}, "top_entropy_quantile.*rloo"),
+        ({"top_entropy_quantile": 1.5}, "top_entropy_quantile"),
+        ({"off_policy_mask_threshold": 0.5, "loss_type": "rloo", "advantage": "rloo"}, "off_policy.*rloo"),
+        ({"reward_clip_range": (1.0, 0.0)}, "reward_clip_range"),
+    ],
+)
+def test_options_that_need_each_other_fail_at_construction(kw, match):
+    with pytest.raises(ValueError, match=match) as info:
+        GRPO(**kw)
+    assert "\n" not in str(info.value)  # one line
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"loss_type": "luspo"}, "luspo.*sequence"),
+        ({"loss_type": "vespo", "importance_sampling_level": "sequence"}, "vespo.*token"),
+        ({"loss_type": "dapo", "importance_sampling_level": "sequence"}, "sequence.*dapo"),
+    ],
+)
+def test_trl_importance_sampling_warnings(kw, match):
+    with pytest.warns(UserWarning, match=match):
+        GRPO(**kw)
+
+
+class SteppingSGD(torch.optim.SGD):
+    """SGD that counts its steps: stands in for the trainer's optimizer-step counter (``global_step``)."""
+
+    steps = 0
+
+    def step(self, closure=None):
+        super().step(closure)
+        SteppingSGD.steps += 1
+
+
+class CountingGRPO(GRPO):
+    @property
+    def global_step(self) -> int:
+        return SteppingSGD.steps
+
+
+def test_reference_sync_once_per_optimizer_step(prompt_batch):
+    """TR-DPO sync inside one generation round of μ × steps_per_generation = 4 optimizer steps (each accumulated
+    over 2 micro-batches): with ref_model_sync_steps=2 exactly two updates, after steps 2 and 4."""
+    batch, tok = prompt_batch
+    torch.manual_seed(0)
+    m = CountingGRPO(
+        beta=0.04,
+        sync_ref_model=True,
+        ref_model_sync_steps=2,
+        ref_model_mixup_alpha=0.25,
+        num_iterations=2,
+        steps_per_generation=2,
+        micro_batch_size=4,
+    )
+    m.configure_model()
+    m.tokenizer = tok
+    m.manual_backward = lambda loss: loss.backward()
+    m.clip_gradients = lambda *a, **k: None
+    SteppingSGD.steps = 0
+    seen = []
+    opt = SteppingSGD(m.model.parameters(), lr=0.5)
+    original = m.sync_reference
+
+    def record():
+        before = [p.detach().clone() for p in m.ref_model.parameters()]
+        policy = [p.detach().clone() for p in m.model.parameters()]
+        original()
+        seen.append((m.global_step, before, policy))
+
+    m.sync_reference = record
+    drive(m, opt).training_step(batch, 0)
+    assert [s for s, *_ in seen] == [1, 2, 3, 4]
+    for step, before, policy in seen:  # θ_ref ← α θ + (1 − α) θ_ref after steps 2 and 4 only
+        after = seen[step][1] if step < 4 else [p.detach() for p in m.ref_model.parameters()]
+        for b, p, a in zip(before, policy, after):
+            expected = 0.25 * p + 0.75 * b if step % 2 == 0 else b
+            torch.testing.assert_close(a, expected)
+    assert m._synced_step == 4

@@ -713,3 +713,212 @@ def test_ppo_value_loss():
     loss, m = ppo_value_loss(values, old, returns, mask, clip_eps=None)
     close(loss, 0.5 * (1.0 + 0.36 + 0.0 + 4.0) / 4)
     close(m["vf_clipfrac"], 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ unscorable rewards
+# NaN marks a completion no reward function scored (src.rewards.combine_rewards): TRL 1.16 leaves it out of the
+# baseline (nanmean / nanstd) and gives it advantage 0.
+
+NAN = float("nan")
+E4 = 1e-4
+
+
+def test_group_advantages_leave_nan_out_of_the_baseline():
+    r = t([1.0, NAN, 3.0, 2.0, 2.0, NAN, NAN, NAN, 4.0])
+    a = 1 / (math.sqrt(2.0) + E4)  # group 1: {1, 3}, mean 2, unbiased std sqrt(2)
+    # group 2: {2, 2}: std 0; group 3: a single scorable reward, std undefined -> 0 (TRL: NaN -> nan_to_num)
+    close(group_advantages(r, 3), [-a, 0.0, a, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    close(group_advantages(r, 3, scale="none"), [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    sb = math.sqrt(1.3)  # batch std over {1, 3, 2, 2, 4}: mean 2.4, squared deviations 5.2, / 4
+    close(group_advantages(r, 3, scale="batch"), [-1 / (sb + E4), 0.0, 1 / (sb + E4), 0, 0, 0, 0, 0, 0])
+    # a NaN-free batch takes the plain mean / std path: nothing changed for it
+    plain = t([0.3, 0.1, 0.7, 0.2])
+    g = plain.view(2, 2)
+    assert torch.equal(
+        group_advantages(plain, 2), ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + E4)).view(-1)
+    )
+
+
+def test_rloo_advantages_leave_nan_out_of_the_baseline():
+    r = t([1.0, NAN, 3.0, 5.0, NAN, 2.0, NAN, NAN])
+    # group 1: scorable {1, 3, 5}: baselines (9 - r) / 2 = 4, 3, 2; group 2: one scorable completion -> 0
+    close(rloo_advantages(r, 4), [-3.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0])
+    # normalize_advantages: over the scorable subset {-3, 0, 3}: mean 0, std 3
+    close(rloo_advantages(r, 4, normalize=True), [-3 / (3 + E4), 0.0, 0.0, 3 / (3 + E4), 0, 0, 0, 0])
+    # NaN-free normalisation: (A - mean) / (std + eps) over the batch
+    a = rloo_advantages(t(R), 3)
+    close(rloo_advantages(t(R), 3, normalize=True), (a - a.mean()) / (a.std() + E4))
+
+
+def test_decoupled_group_advantages_hand_values():
+    rpf = t([[1.0, 0.0], [3.0, 2.0], [0.0, NAN], [2.0, 1.0], [NAN, NAN], [NAN, NAN]])
+    a = 1 / (math.sqrt(2.0) + E4)  # every complete per-function group here is {x, x + 2}: z = -a, +a
+    # weights (1, 0.5); group 2's second function has one value: its z is NaN and the nansum skips it; group 3 is
+    # unscorable
+    s = [-1.5 * a, 1.5 * a, -a, a]
+    std = math.sqrt(sum(x * x for x in s) / 3)  # mean 0 over the 4 scorable rows
+    close(L.decoupled_group_advantages(rpf, t([1.0, 0.5]), 2), [x / (std + E4) for x in s] + [0.0, 0.0])
+
+
+def test_combined_reward_nan_rows_have_no_advantage_anywhere():
+    r = t([NAN, 1.0, 2.0, 4.0])
+    for adv in (group_advantages(r, 4), group_advantages(r, 4, scale="batch"), rloo_advantages(r, 4)):
+        assert adv[0] == 0.0 and torch.isfinite(adv).all()
+
+
+# ------------------------------------------------------------------------------------------------ GRPO loss types
+
+
+def one_token(logps, ratios):
+    """``[B, 1]`` log-probs with grad and old log-probs giving the importance ratios ``ratios``."""
+    lp = t(logps).unsqueeze(-1).requires_grad_()
+    return lp, lp.detach() - torch.log(t(ratios)).unsqueeze(-1), torch.ones(len(logps), 1)
+
+
+def test_grpo_cispo_hand_values():
+    # MiniMax-M1 Eq. 4: -sg(min(w, eps_high)) A log p, summed / num_items
+    logps, old, mask = one_token([-1.0, -2.0, -0.5], [1.0, 6.0, 0.5])
+    loss, m = grpo_loss(logps, old, None, t([1.0, 1.0, -1.0]), mask, beta=0.0, loss_type="cispo", epsilon_high=5.0)
+    close(loss, (1.0 + 10.0 - 0.25) / 3)  # weights 1, 5 (capped), 0.5
+    close(torch.autograd.grad(loss, logps)[0].squeeze(-1), [-1 / 3, -5 / 3, 0.5 / 3])  # the weight is detached
+    close(m["cispo_clip_ratio"], 1 / 3)
+    assert "clip_ratio/region_mean" not in m
+
+
+def test_grpo_sapo_hand_values():
+    # SAPO Eq. 5: -(4 / tau) s(tau (w - 1)) A; tau = 1.0 for A > 0, 1.05 otherwise; per-sequence means
+    logps, old, mask = one_token([-1.0, -1.0, -1.0], [1.0, 1.5, 0.8])
+    loss, _ = grpo_loss(logps, old, None, t([1.0, -1.0, 0.0]), mask, beta=0.0, loss_type="sapo")
+    tau = torch.tensor(1.05, dtype=torch.float32).item()  # TRL builds the temperatures in float32
+    close(loss, (-2.0 + 4 / tau * sig(tau * 0.5)) / 3)
+    g = torch.autograd.grad(loss, logps)[0].squeeze(-1)
+    s1 = sig(tau * 0.5)
+    close(g, [-4 * 0.25 / 3, 4 * s1 * (1 - s1) * 1.5 / 3, 0.0])  # d/dlogp = -4 s (1 - s) w A
+
+
+def test_vespo_weights_and_loss():
+    lr = t([[0.5, -0.5, 99.0], [0.3, math.log(2) - 0.3, 0.0]])  # sequence log-ratio sums 0 and ln 2; one pad
+    phi = L.vespo_weights(t([1.0, -1.0]), lr, GM)
+    close(phi.squeeze(-1), [1.0, math.exp(2 - 4) * 8])  # phi(1) = 1; A < 0: exp(2 + 3 ln 2 - 2 * 2)
+    # the loss: -phi A log p summed over tokens / num_items, phi without gradient
+    logps = t(GLOGPS, requires_grad=True)
+    loss, m = grpo_loss(logps, logps.detach() - lr, None, t([1.0, -1.0]), GM, beta=0.0, loss_type="vespo")
+    p1 = math.exp(-2) * 8
+    close(loss, (-(1.0) * (-3.0) + p1 * (-3.0)) / 5)
+    close(m["vespo/phi_seq_mean"], (1 + p1) / 2)
+    close(torch.autograd.grad(loss, logps)[0], [[-0.2, -0.2, 0.0], [p1 / 5, p1 / 5, p1 / 5]])
+
+
+def test_grpo_luspo_sums_tokens_per_sequence():
+    logps = t(GLOGPS, requires_grad=True)
+    loss, _ = grpo_loss(logps, logps.detach(), t(GREF), t(GA), GM, beta=B04, loss_type="luspo")
+    close(loss, (sum(ROW0) + sum(ROW1)) / 2)
+
+
+def test_grpo_delta_caps_the_unclipped_branch():
+    # INTELLECT-2: min(w, delta); token 4 (w = 1.5, A = -1) contributes 1.5 without delta, 1.4 with delta = 1.4
+    logps = torch.log(t(RATIOS)).unsqueeze(-1).requires_grad_()
+    old, mask = torch.zeros(6, 1, dtype=D), torch.ones(6, 1)
+    kw = dict(beta=0.0, epsilon_high=0.28, loss_type="bnpo")
+    per_token = [-1.28, -1.25, 0.8, 0.85, 1.5, -0.5]
+    capped, _ = grpo_loss(logps, old, None, t(ADVS), mask, delta=1.4, **kw)
+    close(capped, (sum(per_token) - 1.5 + 1.4) / 6)
+    (g,) = torch.autograd.grad(capped, logps)
+    close(g.squeeze(-1), [0.0, -1.25 / 6, 0.0, 0.85 / 6, 0.0, -0.5 / 6])
+
+
+def test_off_policy_sequence_mask_hand_values():
+    logps = t([[-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]])
+    sampling = t([[0.0, 0.0], [-0.4, -0.2], [-0.2, 9.0]])  # mean KL 1.0 (A >= 0), 0.7, 0.8 (one token is padding)
+    mask = torch.tensor([[1, 1], [1, 1], [1, 0]])
+    keep = L.off_policy_sequence_mask(t([1.0, -1.0, -1.0]), logps, sampling, mask, threshold=0.75)
+    close(keep.squeeze(-1), [1.0, 1.0, 0.0])  # row 0 keeps (A >= 0), row 1 KL 0.7 <= 0.75, row 2 KL 0.8 drops
+    # in the loss: the dropped sequence contributes no policy term (KL term kept)
+    lp = logps.clone().requires_grad_()
+    loss, _ = grpo_loss(
+        lp,
+        sampling,
+        None,
+        t([1.0, -1.0, -1.0]),
+        mask,
+        beta=0.0,
+        loss_type="bnpo",
+        epsilon_low=10.0,
+        off_policy_mask_threshold=0.75,
+    )
+    # ratios exp(logp - sampling), unclipped (eps 10): row 0 -w A = -e^-1 twice, row 1 -min(-w, -w) = w, row 2 dropped
+    close(loss, (-2 * math.exp(-1.0) + math.exp(-0.6) + math.exp(-0.8)) / 5)
+
+
+def test_high_entropy_mask_hand_values():
+    ent = t([[1.0, 2.0, 3.0], [4.0, 5.0, 99.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # quantile_{0.6} of {1, ..., 5}: position 0.6 * 4 = 2.4 -> 3.4
+    assert L.high_entropy_mask(ent, mask, 0.4).tolist() == [[False, False, False], [True, True, False]]
+    assert L.high_entropy_mask(ent, mask, 1.0).tolist() == mask.bool().tolist()
+    assert L.high_entropy_mask(ent, mask, 0.0).tolist() == [[False, False, False], [False, True, False]]
+    pool = t([10.0, 20.0])  # a wider pool (other ranks): threshold 10 + 0.6 * 10 = 16, nothing here passes
+    assert not L.high_entropy_mask(ent, mask, 0.4, pool=pool).any()
+    assert not L.high_entropy_mask(ent, torch.zeros(2, 3), 0.5).any()
+    with pytest.raises(ValueError):
+        L.high_entropy_mask(ent, mask, 1.5)
+
+
+def test_entropy_bonus_and_adaptive_coefficient():
+    ent = t([[1.0, 2.0, 7.0], [3.0, 4.0, 5.0]])
+    close(L.entropy_bonus_loss(ent, GM, 0.1), -0.1 * (1 + 2 + 3 + 4 + 5) / 5)
+    kw = dict(target=0.2, delta=0.005, coef_min=0.0, coef_max=0.012)
+    assert L.adaptive_entropy_coef(0.01, 0.1, **kw) == pytest.approx(0.012)  # below target: up, capped at max
+    assert L.adaptive_entropy_coef(0.01, 0.2, **kw) == pytest.approx(0.012)  # at the target: up
+    assert L.adaptive_entropy_coef(0.01, 0.5, **kw) == pytest.approx(0.005)  # above: down
+    assert L.adaptive_entropy_coef(0.003, 0.5, **kw) == 0.0  # floored at min
+
+
+def test_token_entropy_gradient():
+    torch.manual_seed(0)
+    for temperature in (1.0, 0.7):
+        logits = torch.randn(5, 11, dtype=D, requires_grad=True)
+        labels = torch.randint(0, 11, (5,))
+        a, b = torch.randn(5, dtype=D), torch.randn(5, dtype=D)
+        lp, ent = L.token_logps_and_entropy(logits, labels, temperature=temperature, entropy_grad=True)
+        (g,) = torch.autograd.grad(lp @ a + ent @ b, logits)
+        ref = (logits / temperature).log_softmax(-1)
+        h = -(ref.exp() * ref).sum(-1)
+        (g_ref,) = torch.autograd.grad(ref.gather(-1, labels[:, None]).squeeze(-1) @ a + h @ b, logits)
+        close(ent, h)
+        close(g, g_ref)
+        assert not L.token_logps_and_entropy(logits, labels, temperature=temperature)[1].requires_grad
+
+
+# ------------------------------------------------------------------------------------------------ RLOO objective
+
+
+def test_rloo_loss_one_ratio_per_sequence():
+    # row 0: log-ratio sum ln 1.3 with A = +1 -> clipped at 1.2; row 1: ln 0.9 with A = -1 -> 0.9; row 1's pad ignored
+    logps = t([[0.1, math.log(1.3) - 0.1, 0.0], [-0.2, 0.1, 5.0]], requires_grad=True)
+    old = torch.zeros(2, 3, dtype=D)
+    old[1, 2] = -7.0
+    old[1, 1] = 0.1 - (math.log(0.9) + 0.2)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    loss, m = L.rloo_loss(logps, old, t([1.0, -1.0]), mask)
+    close(loss, (-1.2 + 0.9) / 2)
+    close(torch.autograd.grad(loss, logps)[0], [[0.0, 0.0, 0.0], [0.45, 0.45, 0.0]])  # d(-wA)/dlogp_t = -wA / 2
+    close(m["clip_ratio/high_mean"], 0.5)
+    close(m["clip_ratio/region_mean"], 0.5)
+    # an empty completion: w = 1, loss -A
+    close(L.rloo_loss(t([[0.3]]), t([[0.0]]), t([2.0]), torch.zeros(1, 1))[0], -2.0)
+
+
+def test_sequence_kl_penalty():
+    close(L.sequence_kl_penalty(t(GLOGPS), t(GREF), GM), [0.5, -1.0])  # sum of logp - ref over real tokens
+
+
+# ------------------------------------------------------------------------------------------------ PPO whiten_rewards
+
+
+def test_masked_whiten_of_rewards_keeps_the_mean():
+    # TRL's whiten_rewards: masked_whiten(rewards, mask, shift_mean=False); mean 2, unbiased var 1 over {1, 2, 3}
+    r = t([[1.0, 3.0, 99.0], [2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    s = 1 / math.sqrt(1 + 1e-8)
+    close(masked_whiten(r, mask, shift_mean=False), [[2 - s, 2 + s, 0.0], [2.0, 0.0, 0.0]])

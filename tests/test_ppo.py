@@ -258,3 +258,47 @@ def test_sft_rm_ppo_pipeline_by_paths(run_cli, tmp_path):
     scores, rm_mean = column(rows, "train/objective/scores"), column(rows, "train/rewards/reward_model/mean")
     assert scores and scores == pytest.approx(rm_mean, abs=1e-5)  # the score is the reward model's
     assert (tmp_path / "ppo/hf/config.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ unscorable samples
+def none_for_rows_1_and_5(prompts, completions, **_):
+    return [None if i in (1, 5) else float(len(c) % 5) for i, c in enumerate(completions)]
+
+
+@pytest.mark.parametrize("estimator", ["gae", "rloo"])
+def test_unscorable_completions_leave_the_update(prompt_batch, estimator):
+    """A completion no reward function scores used to get score 0 and enter the baselines; now it has advantage 0,
+    no policy or value loss, and the RLOO baseline of its group averages the scorable siblings only."""
+    batch, tok = prompt_batch
+    m = offline_ppo(
+        tok, perturb=0.02, num_generations=4, advantage_estimator=estimator, reward_funcs=[none_for_rows_1_and_5]
+    )
+    with pytest.warns(UserWarning, match="All reward functions returned None"):
+        buf = m.prepare(m.rollout(batch))
+    scores, mask, loss_mask = buf["rewards"], buf["mask"], buf["loss_mask"]
+    assert scores[[1, 5]].isnan().all() and torch.isfinite(buf["token_rewards"]).all()
+    assert torch.all(loss_mask[[1, 5]] == 0) and torch.equal(loss_mask[[0, 2, 3, 4]], mask[[0, 2, 3, 4]])
+    assert torch.all(buf["advantages"][[1, 5]] == 0) and torch.isfinite(buf["advantages"]).all()
+    if estimator == "rloo":
+        m.hparams.whiten_advantages = False
+        raw, _ = m.advantages(buf["token_rewards"], None, loss_mask, ~scores.isnan())
+        r = buf["token_rewards"].sum(-1)
+        for rows in ([0, 2, 3], [4, 6, 7]):
+            sub = r[rows]
+            close(raw[rows].sum(-1) / loss_mask[rows].sum(-1), sub - (sub.sum() - sub) / 2)
+    stats = m.update(buf, torch.arange(16), [RecordingOptimizer(m.optimizer_parameters())])
+    assert all(torch.isfinite(v) for v in stats.values())
+
+
+def test_whiten_rewards_whitens_token_rewards_keeping_their_mean(prompt_batch):
+    batch, tok = prompt_batch
+    kw = dict(perturb=0.02, num_generations=2, kl_coef=0.1)
+    plain = offline_ppo(tok, **kw).prepare(offline_ppo(tok, **kw).rollout(batch))
+    m = offline_ppo(tok, whiten_rewards=True, **kw)
+    buf = m.prepare(m.rollout(batch))
+    mask = buf["mask"]
+    raw = plain["token_rewards"]
+    close(buf["token_rewards"], masked_whiten(raw, mask, shift_mean=False))
+    close(masked_mean(buf["token_rewards"], mask), masked_mean(raw, mask))
+    close(masked_var(buf["token_rewards"], mask), 1.0, tol=1e-4)
+    close(buf["kl"], plain["kl"])  # the KL itself (and objective/* metrics) is not whitened

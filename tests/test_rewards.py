@@ -16,6 +16,7 @@ from src.rewards import (
     RewardModelScorer,
     RewardScorer,
     accuracy,
+    combine_rewards,
     copy_reward,
     digit_fraction,
     extract_number,
@@ -164,12 +165,21 @@ def test_scorer_columns_are_passed():
     }
 
 
-def test_scorer_all_none_row_warns_and_scores_zero():
+def test_scorer_all_none_row_warns_and_is_nan():
+    """TRL 1.16: a sample no function scores is NaN (not 0), so that it cannot bias its group's baseline."""
     scorer = RewardScorer([const(None), accuracy])
     with pytest.warns(UserWarning, match="All reward functions returned None"):
         total, metrics = scorer(["p", "p"], ["1", "2"], {"answer": [None, "2"]})
-    torch.testing.assert_close(total, torch.tensor([0.0, 1.0]))
+    assert math.isnan(total[0].item()) and total[1].item() == 1.0
     assert math.isnan(metrics["rewards/f/mean"].item())
+
+
+def test_combine_rewards_nansum_unless_all_none():
+    nan = math.nan
+    per_func = torch.tensor([[1.0, nan], [nan, nan], [2.0, 3.0], [nan, 4.0]])
+    total = combine_rewards(per_func, torch.tensor([2.0, 0.5]))
+    assert total[1].isnan()
+    torch.testing.assert_close(total[[0, 2, 3]], torch.tensor([2.0, 5.5, 2.0]))
 
 
 def test_scorer_duplicate_names_are_made_unique():

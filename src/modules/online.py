@@ -99,9 +99,11 @@ class OnlineModule(AlignmentModule):
         completions = tok.batch_decode(out.completion_ids, skip_special_tokens=True)
         prompts = [p for p in batch["prompts"] for _ in range(g)]
         columns = {k: [v for v in vals for _ in range(g)] for k, vals in batch["columns"].items()}
-        if self.rewards is not None:
-            rewards, reward_metrics = self.rewards(prompts, completions, columns)
+        if self.rewards is not None:  # NaN where every reward function returned None (src.rewards.combine_rewards)
+            per_func = self.rewards.score(prompts, completions, columns)
+            rewards, reward_metrics = self.rewards.combine(per_func)
         else:
+            per_func = torch.zeros(len(completions), 0)
             rewards, reward_metrics = torch.zeros(len(completions)), {}
         rewards = rewards.to(self.device)
         completion_mask = out.completion_mask
@@ -112,6 +114,7 @@ class OnlineModule(AlignmentModule):
             "completion_mask": torch.cat([torch.zeros_like(out.prompt_mask), completion_mask], 1),
             "prompt_len": prompt_len,
             "rewards": rewards,
+            "rewards_per_func": per_func.to(self.device),
             "reward_metrics": reward_metrics,
             "is_truncated": out.is_truncated,
             "prompts": prompts,
@@ -156,5 +159,7 @@ class OnlineModule(AlignmentModule):
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_table("completions", columns=["step", "prompt", "completion", "reward"], data=rows)
-        best = max(range(len(rows)), key=lambda i: rewards[i])
-        self.print(f"step {self.global_step} best completion (reward {rewards[best]:.3f}): {rows[best][2]!r}")
+        scored = [i for i, r in enumerate(rewards) if r == r]  # NaN: unscorable
+        if scored:
+            best = max(scored, key=lambda i: rewards[i])
+            self.print(f"step {self.global_step} best completion (reward {rewards[best]:.3f}): {rows[best][2]!r}")

@@ -17,6 +17,9 @@ One training step of Lightning (one batch of P prompts) is one *rollout*:
 4. per-token rewards ``r_t = −β·KL_t`` plus the score on the last token (``kl_penalized_rewards``, k1 by default), so
    ``Σ_t r_t = score − β·Σ_t KL_t``; β is fixed or follows the adaptive controller of Ziegler et al. (``kl_target``,
    ``kl_horizon``: ``β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon)`` after every rollout, saved in checkpoints);
+   optionally whitened over the batch's tokens, mean kept (``whiten_rewards``, TRL's PPOTrainer); a completion that
+   no reward source scores (every reward function returned None, no reward model) leaves the losses, the
+   advantage statistics and the RLOO baselines (advantage 0, as GRPO and TRL);
 5. advantages, by ``advantage_estimator``:
    ``gae``: GAE(γ, λ) on the critic's values, returns = advantages + values (Schulman et al. 2016);
    ``rloo``: per sequence ``Σ_t r_t`` minus the mean of the other G − 1 samples of its prompt, on every token;
@@ -45,6 +48,7 @@ many with a separate ``critic_optimizer``: Lightning counts every optimizer's st
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -102,6 +106,8 @@ class PPO(OnlineModule):
         kl_target / kl_horizon: adaptive KL controller (Ziegler et al. 2019); ``kl_target=None`` keeps β fixed.
         gamma / lam: discount and GAE λ.
         whiten_advantages: whiten advantages over the batch's completion tokens (always on for REINFORCE++).
+        whiten_rewards: whiten the per-token rewards (score + KL penalty) over the batch's completion tokens before
+            the advantages, keeping their mean (TRL's ``whiten_rewards``; Huang et al. 2024).
         ppo_epochs: passes over each rollout; ``num_mini_batches``: optimizer steps per pass.
         clip_eps / dual_clip: policy ratio clip range and the dual-clip bound c > 1 (Ye et al. 2020).
         vf_coef / vf_clip: value-loss weight and clip range of the value change (None = unclipped).
@@ -127,6 +133,7 @@ class PPO(OnlineModule):
         gamma: float = 1.0,
         lam: float = 0.95,
         whiten_advantages: bool = True,
+        whiten_rewards: bool = False,
         ppo_epochs: int = 4,
         num_mini_batches: int = 1,
         clip_eps: float = 0.2,
@@ -259,7 +266,8 @@ class PPO(OnlineModule):
                     for s in self._chunks(scores.numel(), self.hparams.micro_batch_size)
                 ]
             )
-            scores = scores + rm.to(scores.dtype)
+            # a reward model scores every sample: reward functions that all returned None then add nothing
+            scores = torch.nan_to_num(scores, nan=0.0) + rm.to(scores.dtype)
             buf["reward_metrics"]["rewards/reward_model/mean"] = rm.mean()
         buf["rewards"] = apply_missing_eos_penalty(scores, buf["is_truncated"], self.hparams.missing_eos_penalty)
         return buf
@@ -290,11 +298,14 @@ class PPO(OnlineModule):
     # -- rewards and advantages -------------------------------------------------------------------------------------
     @torch.no_grad()
     def prepare(self, buf: dict[str, Any]) -> dict[str, Any]:
-        """Add to the rollout buffer (completion columns only): ``mask``, ``old_logps``, ``ref_logps``,
-        ``old_values``, per-token ``token_rewards`` and ``kl``, ``advantages`` and ``returns``."""
+        """Add to the rollout buffer (completion columns only): ``mask``, ``loss_mask`` (``mask`` without the
+        unscorable completions, whose score is NaN), ``old_logps``, ``ref_logps``, ``old_values``, per-token
+        ``token_rewards`` and ``kl``, ``advantages`` and ``returns``."""
         h = self.hparams
         n, p = buf["input_ids"].shape[0], buf["prompt_len"]
         mask = buf["completion_mask"][:, p:]
+        scorable = ~torch.isnan(buf["rewards"])
+        loss_mask = mask * scorable.unsqueeze(-1).to(mask.dtype)
         parts = [self.forward_tokens(buf, s) for s in self._chunks(n, h.micro_batch_size)]
         old_logps = torch.cat([lp for lp, _, _ in parts])
         old_values = torch.cat([v for _, _, v in parts]) if parts[0][2] is not None else None
@@ -310,11 +321,19 @@ class PPO(OnlineModule):
         else:
             ref_logps = old_logps
         rewards, kl = kl_penalized_rewards(
-            buf["rewards"], old_logps, ref_logps, mask, beta=self.kl_coef, kind=h.kl_estimator
+            torch.nan_to_num(buf["rewards"], nan=0.0),
+            old_logps,
+            ref_logps,
+            mask,
+            beta=self.kl_coef,
+            kind=h.kl_estimator,
         )
-        advantages, returns = self.advantages(rewards, old_values, mask)
+        if h.whiten_rewards:
+            rewards = masked_whiten(rewards, loss_mask, shift_mean=False)
+        advantages, returns = self.advantages(rewards, old_values, loss_mask, scorable)
         buf.update(
             mask=mask,
+            loss_mask=loss_mask,
             old_logps=old_logps,
             ref_logps=ref_logps,
             old_values=old_values,
@@ -325,14 +344,20 @@ class PPO(OnlineModule):
         )
         return buf
 
-    def advantages(self, rewards: Tensor, values: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Token advantages ``[B, C]`` and value targets (``None`` without a critic) for ``advantage_estimator``."""
+    def advantages(
+        self, rewards: Tensor, values: Tensor | None, mask: Tensor, scorable: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Token advantages ``[B, C]`` and value targets (``None`` without a critic) for ``advantage_estimator``;
+        rows outside ``scorable`` (``mask`` is 0 there) are left out of the RLOO baselines."""
         h = self.hparams
         returns = None
         if h.advantage_estimator == "gae":
             advantages, returns = gae(rewards, values, mask, gamma=h.gamma, lam=h.lam)
         elif h.advantage_estimator == "rloo":
-            advantages = rloo_advantages(rewards.sum(-1), h.num_generations)[:, None] * mask
+            seq = rewards.sum(-1)
+            if scorable is not None:
+                seq = torch.where(scorable, seq, torch.full_like(seq, math.nan))
+            advantages = rloo_advantages(seq, h.num_generations)[:, None] * mask
         else:  # reinforce_pp: discounted return-to-go = GAE with V = 0 and λ = 1
             advantages, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=h.gamma, lam=1.0)
         if h.whiten_advantages or h.advantage_estimator == "reinforce_pp":
@@ -377,11 +402,11 @@ class PPO(OnlineModule):
         """One optimizer step over ``rows`` of the buffer, accumulated over micro-batches (each weighted by its share
         of the rows' completion tokens: the gradient of the token mean over ``rows``)."""
         h = self.hparams
-        n_tokens = buf["mask"][rows].sum().clamp(min=1)
+        n_tokens = buf["loss_mask"][rows].sum().clamp(min=1)
         acc: dict[str, Tensor] = {}
         for s in self._chunks(rows.numel(), h.micro_batch_size):
             idx = rows[s]
-            mask = buf["mask"][idx]
+            mask = buf["loss_mask"][idx]
             weight = mask.sum() / n_tokens
             logps, entropy, values = self.forward_tokens(buf, idx, with_entropy=True)
             pg_loss, pg = ppo_policy_loss(
@@ -428,7 +453,8 @@ class PPO(OnlineModule):
             **{k: v.reshape(1) for k, v in buf["reward_metrics"].items()},
         }
         if buf["returns"] is not None:
-            metrics["critic/vf_explained_var"] = explained_variance(buf["old_values"], buf["returns"], mask).reshape(1)
+            ev = explained_variance(buf["old_values"], buf["returns"], buf["loss_mask"])
+            metrics["critic/vf_explained_var"] = ev.reshape(1)
         return metrics
 
     def update_kl_coef(self, kl: Tensor, n: int) -> None:
@@ -447,9 +473,9 @@ class PPO(OnlineModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         sampling = SamplingConfig(**{**vars(self.sampling), "num_generations": 1})
         buf = self.rollout(batch, sampling, stage="val")
-        scores = buf["rewards"]
+        scores = buf["rewards"]  # NaN where unscorable: the metric means skip them
         metrics = {"objective/scores": scores, **{k: v.reshape(1) for k, v in buf["reward_metrics"].items()}}
-        return self.step_output(scores.mean(), metrics)
+        return self.step_output(scores.nanmean(), metrics)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["kl_coef"] = self.kl_coef
