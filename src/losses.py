@@ -1248,3 +1248,162 @@ def ppo_value_loss(
     with torch.no_grad():
         metrics = {"vf_clipfrac": masked_mean((err_clipped > err).to(values.dtype), m)}
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KTO (unpaired preferences)
+# ----------------------------------------------------------------------------------------------------------------
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    labels: Tensor,
+    kl: Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "kto",
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Kahneman-Tversky Optimization on unpaired rows (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect
+    Theoretic Optimization", Eq. 7, with TRL 1.16's ``KTOTrainer`` definitions).
+
+    With ``r = log pi(y|x) - log pi_ref(y|x)`` and the reference point ``z0 = max(0, kl)`` (no gradient), where ``kl``
+    is the batch mean of ``log pi(y'|x) - log pi_ref(y'|x)`` over *mismatched* prompt/completion pairs (KTO's
+    estimate of ``KL(pi || pi_ref)``, averaged over ranks before the clamp):
+
+    - ``kto``: desirable ``lambda_D (1 - s(beta (r - z0)))``, undesirable ``lambda_U (1 - s(beta (z0 - r)))``;
+    - ``apo_zero_unpaired``: desirable ``lambda_D (1 - s(beta r))``, undesirable ``lambda_U s(beta r)``
+      (D'Oosterlinck et al. 2024, "Anchored Preference Optimization", APO-zero, unpaired; no ``kl`` needed).
+
+    ``s`` is the logistic sigmoid, ``lambda_D = desirable_weight``, ``lambda_U = undesirable_weight``; the batch loss
+    is the mean over all ``B`` rows (TRL's ``losses.nanmean()``).
+
+    Args:
+        policy_logps, ref_logps: ``[B]`` summed completion log-probabilities.
+        labels: ``[B]`` bool, ``True`` for a desirable completion.
+        kl: scalar mean log-ratio of the mismatched pairs (``kto``); ``None`` counts as 0.
+
+    Returns:
+        ``(losses [B] (weighted), rewards [B] = beta * r (detached), z0)``.
+    """
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"Unknown KTO loss_type {loss_type!r}; expected one of {KTO_LOSS_TYPES}")
+    labels = labels.bool()
+    logratio = policy_logps - ref_logps
+    z0 = torch.zeros((), dtype=logratio.dtype, device=logratio.device)
+    if loss_type == "kto" and kl is not None:
+        z0 = kl.detach().to(logratio.dtype).clamp(min=0)
+    if loss_type == "kto":
+        desirable = 1 - torch.sigmoid(beta * (logratio - z0))
+        undesirable = 1 - torch.sigmoid(beta * (z0 - logratio))
+    else:
+        desirable = 1 - torch.sigmoid(beta * logratio)
+        undesirable = torch.sigmoid(beta * logratio)
+    losses = torch.where(labels, desirable_weight * desirable, undesirable_weight * undesirable)
+    return losses, (beta * logratio).detach(), z0
+
+
+__all__ += ["KTO_LOSS_TYPES", "kto_loss"]  # each section at the end extends the list itself
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ORPO and CPO (reference-free preference losses)
+# ----------------------------------------------------------------------------------------------------------------
+
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, without cancellation: ``log(-expm1(x))`` above ``-ln 2``, else
+    ``log1p(-exp(x))`` (Mächler 2012, "Accurately Computing log(1 - exp(-|a|))")."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(
+    chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, *, beta: float = 0.1
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ORPO's odds-ratio term (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model",
+    Eqs. 4-7), per pair.
+
+    With the length-averaged log-probabilities ``a_w = log P(y_w|x)``, ``a_l`` (the paper's ``P`` is the geometric
+    mean of the token probabilities) and ``odds(y) = P / (1 - P)``:
+    ``log_odds = log odds(y_w) - log odds(y_l) = (a_w - a_l) - (log(1 - e^a_w) - log(1 - e^a_l))`` and
+    ``loss = beta * -log s(log_odds)``; the full ORPO objective adds the NLL of the chosen completion
+    (``L = L_SFT + lambda L_OR`` with ``lambda = beta``, TRL's name; :func:`nll_loss`).
+
+    Args:
+        chosen_avg_logps, rejected_avg_logps: ``[B]`` per-token mean log-probabilities of the completions (< 0).
+
+    Returns:
+        ``(losses [B], chosen_rewards [B], rejected_rewards [B], log_odds [B])``; rewards ``beta * a`` (detached),
+        ``log_odds`` detached (TRL logs ``mean(log s(log_odds))`` as ``log_odds_ratio``, ``mean(log_odds)`` as
+        ``log_odds_chosen``).
+    """
+    log_odds = (chosen_avg_logps - rejected_avg_logps) - (log1mexp(chosen_avg_logps) - log1mexp(rejected_avg_logps))
+    losses = -beta * F.logsigmoid(log_odds)
+    return losses, (beta * chosen_avg_logps).detach(), (beta * rejected_avg_logps).detach(), log_odds.detach()
+
+
+def cpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Contrastive Preference Optimization's preference term (Xu et al. 2024, "Contrastive Preference Optimization:
+    Pushing the Boundaries of LLM Performance in Machine Translation", Eq. 3), per pair, with TRL's loss types.
+
+    CPO is DPO with the reference log-probabilities set to 0 (its ``beta -> 0`` approximation of a uniform
+    reference), so with ``h = log pi(y_w) - log pi(y_l)``, ``ls = label_smoothing``:
+
+    - ``sigmoid``: ``-(1-ls) log s(beta h) - ls log s(-beta h)`` (Eq. 3; :func:`dpo_loss`'s ``sigmoid``);
+    - ``hinge``: ``relu(1 - beta h)``; ``ipo``: ``(h' - 1/(2 beta))^2`` on length-averaged log-probs ``h'``;
+    - ``simpo``: SimPO's ``-log s(beta h' - gamma)`` with ``gamma = simpo_gamma`` (Meng et al. 2024;
+      :func:`simpo_loss`).
+
+    The full CPO objective adds ``cpo_alpha`` times the NLL of the chosen completion (:func:`nll_loss`).
+
+    Args:
+        chosen_logps, rejected_logps: ``[B]`` summed completion log-probabilities.
+        chosen_lengths, rejected_lengths: ``[B]`` completion token counts (``ipo`` and ``simpo`` average over them).
+
+    Returns:
+        ``(losses [B], chosen_rewards [B], rejected_rewards [B])``, rewards ``beta * log pi(y)`` (detached; per token
+        for ``ipo`` and ``simpo``, as TRL).
+    """
+    if loss_type not in CPO_LOSS_TYPES:
+        raise ValueError(f"Unknown CPO loss_type {loss_type!r}; expected one of {CPO_LOSS_TYPES}")
+    if loss_type == "simpo":
+        return simpo_loss(
+            chosen_logps,
+            rejected_logps,
+            chosen_lengths,
+            rejected_lengths,
+            beta=beta,
+            gamma=simpo_gamma,
+            label_smoothing=label_smoothing,
+        )
+    zeros = torch.zeros_like(chosen_logps)
+    return dpo_loss(
+        chosen_logps,
+        rejected_logps,
+        zeros,
+        zeros,
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+    )
+
+
+__all__ += ["CPO_LOSS_TYPES", "cpo_loss", "log1mexp", "orpo_loss"]

@@ -1,4 +1,4 @@
-"""Collators: right-padded training batches (SFT, preference) and left-padded prompt batches (generation).
+"""Collators: right-padded training batches (SFT, preference, unpaired) and left-padded prompt batches (generation).
 
 Every training batch carries ``completion_mask`` (1 exactly on response tokens, EOS included, aligned with
 ``input_ids``) so that padding and prompt tokens never enter a loss or a metric, plus ``num_tokens`` (a Python int,
@@ -81,6 +81,36 @@ class PreferenceCollator:
             batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows])
             batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows])
         return batch
+
+
+class UnpairedCollator:
+    """Unpaired rows (KTO) -> the right-padded batch of ``B`` rows, ``label`` ``[B]`` (bool, ``True`` = desirable), and
+    the ``B`` mismatched rows of KTO's KL estimate: ``kl_input_ids`` / ``kl_attention_mask`` / ``kl_completion_mask``
+    hold prompt ``i`` followed by completion ``i − 1`` (completions rotated by one within the batch, TRL's rule;
+    cut to ``max_length`` when given)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, max_length: int | None = None) -> None:
+        self.pad_token_id, self.multiple, self.max_length = pad_token_id, pad_to_multiple_of, max_length
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        prompts = [r["prompt_ids"] for r in rows]
+        completions = [r["completion_ids"] for r in rows]
+        ids, attn, comp = pad_pairs(prompts, completions, self.pad_token_id, self.multiple)
+        rotated = completions[-1:] + completions[:-1]
+        if self.max_length is not None:
+            rotated = [c[: max(1, self.max_length - len(p))] for p, c in zip(prompts, rotated)]
+        kl_ids, kl_attn, kl_comp = pad_pairs(prompts, rotated, self.pad_token_id, self.multiple)
+        return {
+            "input_ids": ids,
+            "attention_mask": attn,
+            "completion_mask": comp,
+            "label": torch.tensor([r["label"] for r in rows], dtype=torch.bool),
+            "kl_input_ids": kl_ids,
+            "kl_attention_mask": kl_attn,
+            "kl_completion_mask": kl_comp,
+            "num_tokens": int(sum(len(p) + len(c) for p, c in zip(prompts, completions))),
+            "index": torch.tensor([r["index"] for r in rows]),
+        }
 
 
 class PromptCollator:

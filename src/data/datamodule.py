@@ -5,6 +5,8 @@ Row kinds (plain text, or conversational messages rendered with the tokenizer's 
 * ``sft``: ``prompt`` + ``completion``, or ``messages`` (the last message is the assistant's answer).
 * ``preference``: ``prompt`` + ``chosen`` + ``rejected``.
 * ``prompt``: ``prompt``; every other column is passed through to reward functions.
+* ``unpaired``: ``prompt`` + ``completion`` + ``label`` (``true`` = desirable); a preference row becomes one desirable
+  and one undesirable row (KTO, as TRL's ``unpair_preference_dataset``; ``unpair_rows`` says in which order).
 
 Sources: JSONL, JSON, Parquet, or a ``datasets.save_to_disk`` directory; ``path=None`` uses the embedded tiny task.
 Prompt and completion are tokenized separately, so the completion mask covers exactly the response tokens plus
@@ -28,13 +30,18 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from src.data import tiny
-from src.data.collate import PreferenceCollator, PromptCollator, SFTCollator
+from src.data.collate import PreferenceCollator, PromptCollator, SFTCollator, UnpairedCollator
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["sft", "preference", "prompt"]
+Kind = Literal["sft", "preference", "prompt", "unpaired"]
 Truncation = Literal["keep_end", "keep_start", "error"]
-REQUIRED = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",)}
+REQUIRED = {
+    "sft": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "prompt": ("prompt",),
+    "unpaired": ("prompt", "completion", "label"),
+}
 
 
 class DataError(ValueError):
@@ -140,12 +147,39 @@ def normalise_row(row: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
     for field in REQUIRED[kind]:
         if field not in row or row[field] is None:
             raise DataError(f"{where}: field {field!r}: missing (a {kind} row needs {', '.join(REQUIRED[kind])})")
+        if field == "label":
+            if not isinstance(row["label"], bool):
+                raise DataError(f"{where}: field 'label': expected true or false, got {row['label']!r:.40}")
+            continue
         _check_text(row[field], where, field)
     if kind == "preference" and row.get("margin") is not None:
         m = row["margin"]
         if isinstance(m, bool) or not isinstance(m, int | float) or not math.isfinite(m):
             raise DataError(f"{where}: field 'margin': expected a finite number, got {m!r}")
     return row
+
+
+def unpair_rows(rows: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """``(row number, row)`` of a source as unpaired rows (KTO). Each preference row (``chosen`` + ``rejected``, no
+    ``completion``) becomes a desirable ``{prompt, completion: chosen, label: true}`` and an undesirable
+    ``{..., completion: rejected, label: false}`` row, other columns copied (TRL's ``unpair_preference_dataset``).
+
+    Order: the rows that were unpaired already, as they are; then the split pairs interleaved, desirable row ``i``
+    followed by the undesirable row of pair ``i + n/2`` (mod ``n``). TRL puts all desirable rows first: unshuffled
+    (validation) batches would then hold one label only and KTO's KL rows (prompt ``i`` + completion ``i − 1``)
+    the completions of that label only. Interleaved, every batch mixes both and no KL row pairs a prompt with its
+    own other completion (unless a batch spans half the dataset)."""
+    kept, desirable, undesirable = [], [], []
+    for n, row in rows:
+        if isinstance(row, dict) and "chosen" in row and "rejected" in row and "completion" not in row:
+            rest = {k: v for k, v in row.items() if k not in ("chosen", "rejected")}
+            desirable.append((n, {**rest, "completion": row["chosen"], "label": True}))
+            undesirable.append((n, {**rest, "completion": row["rejected"], "label": False}))
+        else:
+            kept.append((n, row))
+    half = len(undesirable) // 2
+    undesirable = undesirable[half:] + undesirable[:half]
+    return kept + [row for pair in zip(desirable, undesirable) for row in pair]
 
 
 # -------------------------------------------------------------------------------------------------------- tokenizing
@@ -214,8 +248,10 @@ class Tokenize:
     def row(self, row: dict[str, Any], kind: str, where: str, index: int) -> dict[str, Any]:
         out: dict[str, Any] = {"index": index, "prompt_ids": self.prompt(row["prompt"], where)}
         n = len(out["prompt_ids"])
-        if kind == "sft":
+        if kind in ("sft", "unpaired"):
             out["completion_ids"] = self.completion(row["prompt"], row["completion"], n, where, "completion")
+            if kind == "unpaired":
+                out["label"] = row["label"]
         elif kind == "preference":
             for f in ("chosen", "rejected"):
                 out[f"{f}_ids"] = self.completion(row["prompt"], row[f], n, where, f)
@@ -279,15 +315,15 @@ class ResumableSampler(DistributedSampler):
 
 # -------------------------------------------------------------------------------------------------------- datamodule
 class AlignmentDataModule(LightningDataModule):
-    """One DataModule for SFT, reward modelling, DPO, GRPO and PPO.
+    """One DataModule for SFT, reward modelling, DPO, KTO, GRPO and PPO.
 
     Args:
         path: JSONL / JSON / Parquet file or ``save_to_disk`` directory; ``None`` = the embedded tiny task.
-        kind: ``sft`` | ``preference`` | ``prompt``; ``None`` takes the LightningModule's ``data_kind``.
+        kind: ``sft`` | ``preference`` | ``prompt`` | ``unpaired``; ``None`` takes the LightningModule's ``data_kind``.
         tokenizer_name_or_path: linked from ``model.model_name_or_path`` by the CLI (``"tiny"`` = embedded).
         val_path: a separate validation file; else a ``test``/``validation`` split of ``path``; else ``val_size``.
         val_size: fraction (< 1) or number of rows held out for validation (0 = no validation).
-        batch_size: rows per step per device (preference pairs, SFT rows or prompts).
+        batch_size: rows per step per device (preference pairs, SFT or unpaired rows, or prompts).
         truncation: ``keep_end`` keeps the end of a too-long prompt, ``keep_start`` its start, ``error`` raises.
             Completions are always cut at the end. Every cut is counted and logged.
         shuffle: shuffle training rows each epoch (seeded by ``seed_everything``); ``False`` keeps file order.
@@ -343,7 +379,8 @@ class AlignmentDataModule(LightningDataModule):
         """``(source name, rows)`` lists for train and validation before tokenization."""
         h = self.hparams
         if h.path is None:
-            rows = list(tiny.generate_rows(self.kind, h.tiny_rows))
+            # KTO's unpaired rows are the preference task's pairs, split (``unpair_rows``)
+            rows = list(tiny.generate_rows("preference" if self.kind == "unpaired" else self.kind, h.tiny_rows))
             src, extra = "<embedded tiny task>", {}
         else:
             rows, extra = read_rows(h.path)
@@ -364,7 +401,8 @@ class AlignmentDataModule(LightningDataModule):
     def _tokenize(self, parts: list[tuple[str, list[dict]]], tokenize: Tokenize) -> RowDataset:
         out = []
         for src, rows in parts:
-            for i, row in enumerate(rows, 1):
+            numbered = list(enumerate(rows, 1))
+            for i, row in unpair_rows(numbered) if self.kind == "unpaired" else numbered:
                 where = f"{src}: row {i}"
                 if not isinstance(row, dict):
                     raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
@@ -408,6 +446,8 @@ class AlignmentDataModule(LightningDataModule):
             return PreferenceCollator(pad, self.hparams.pad_to_multiple_of)
         if kind == "sft":
             return SFTCollator(pad, self.hparams.pad_to_multiple_of)
+        if kind == "unpaired":
+            return UnpairedCollator(pad, self.hparams.pad_to_multiple_of, self.hparams.max_length)
         return PromptCollator(pad)
 
     def _loader(self, ds: RowDataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
