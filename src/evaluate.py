@@ -283,8 +283,7 @@ class Evaluation(BasePredictionWriter):
             pl_module.log(f"test/{name}", value, rank_zero_only=True, batch_size=len(rows))
         if not trainer.is_global_zero:
             return
-        out = self.predictions_path(trainer).with_name("test_summary.md")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        out = self.predictions_path(trainer).with_name("test_summary.md")  # its directory made by start()
         lines = ["| metric | value |", "|---|---|", *(f"| test/{k} | {v:.4f} |" for k, v in metrics.items())]
         out.write_text("\n".join(lines) + "\n", encoding="utf-8")
         out.with_suffix(".csv").write_text(
@@ -293,7 +292,7 @@ class Evaluation(BasePredictionWriter):
         for logger in trainer.loggers:
             if hasattr(logger, "log_table"):  # WandbLogger: the completions behind the numbers
                 cols = ["index", "sample", "prompt", "completion", "reward", "reference_completion"]
-                weights = dict(zip(self.scorer.names, self.scorer.weights.tolist())) if self.scorer else {}
+                weights = weights_of(self.scorer)
                 data = [
                     [
                         p["index"],
@@ -335,7 +334,7 @@ def test_metrics(rows: list[dict[str, Any]], scorer: RewardScorer | None, ks: li
         out["kl"] = sum(kl) / len(kl)
     if scorer is None:
         return out
-    weights = dict(zip(scorer.names, scorer.weights.tolist()))
+    weights = weights_of(scorer)
     for name in scorer.names:
         values = [r["rewards"][name] for r in policy if r["rewards"][name] is not None]
         if values:
@@ -358,6 +357,11 @@ def test_metrics(rows: list[dict[str, Any]], scorer: RewardScorer | None, ks: li
     if pairs:
         out["win_rate"] = win_rate([p for p, _ in pairs], [q for _, q in pairs])
     return out
+
+
+def weights_of(scorer: RewardScorer | None) -> dict[str, float]:
+    """Each reward function's weight by its metric name (none without a scorer)."""
+    return dict(zip(scorer.names, scorer.weights.tolist())) if scorer is not None else {}
 
 
 def total_reward(row: dict[str, Any], weights: dict[str, float]) -> float:
