@@ -46,6 +46,7 @@ def losses(run_dir: Path, key: str = "train/loss") -> list[float]:
     return column(list(csv.DictReader(metrics.open())), key)
 
 
+@pytest.mark.slow  # ~27 s each (two gloo processes plus a one-process run)
 @pytest.mark.parametrize(
     "config,batch,extra,metric",
     [
