@@ -62,3 +62,11 @@ def disable_dropout(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+
+
+@torch.no_grad()
+def mix_into_(target: nn.Module, source: nn.Module, alpha: float) -> None:
+    """``θ_target ← α·θ_source + (1 − α)·θ_target`` in place (TR-DPO's reference update, Gorbatovski et al. 2024;
+    TRL's ``SyncRefModelCallback``). The source is cast to each target parameter's dtype."""
+    for p_t, p in zip(target.parameters(), source.parameters(), strict=True):
+        p_t.lerp_(p.detach().to(p_t.dtype), alpha)

@@ -262,3 +262,25 @@ def test_wpo_weights_the_nll_term():
     aligned = torch.where(keep, batch["policy"] - batch["log_sum_sq"], 0).sum(-1) / lengths
     w = aligned.exp()
     torch.testing.assert_close(weighted, sigmoid + nll * (w[:B] * w[B:]).mean(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.6, 0.25, 1.0])
+def test_reference_sync_matches_trl_sync_ref_model_callback(alpha):
+    """TR-DPO's mix ``θ_ref ← α·θ + (1 − α)·θ_ref`` (DPO's ``ref_model_sync_steps``, GRPO's ``sync_ref_model``) equals
+    TRL's ``SyncRefModelCallback._sync_target_model`` parameter by parameter."""
+    from trl.trainer.callbacks import SyncRefModelCallback
+
+    from src.data.tiny import build_model
+    from src.models import mix_into_
+
+    torch.manual_seed(0)
+    policy, ref = build_model({"num_hidden_layers": 1}), build_model({"num_hidden_layers": 1})
+    theirs = build_model({"num_hidden_layers": 1})
+    theirs.load_state_dict(ref.state_dict())
+    before = [p.detach().clone() for p in ref.parameters()]
+    mix_into_(ref, policy, alpha)
+    SyncRefModelCallback._sync_target_model(policy, theirs, alpha)
+    for (name, a), b, p, a0 in zip(ref.named_parameters(), theirs.parameters(), policy.parameters(), before):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(a, alpha * p + (1 - alpha) * a0, atol=1e-6, rtol=0, msg=name)
+        assert not torch.equal(a, a0) or torch.equal(p, a0), name  # the reference moved

@@ -628,16 +628,9 @@ def test_grpo_mask_truncated_completions_matches_trl(case):
     _compare(o, t, need_entropy=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "logged entropy with mask_truncated_completions: TRL 1.16 averages it over the kept completions (it zeroes "
-        "the completion_mask of truncated rows), ours over every completion token (GRPO._optimizer_step uses "
-        "buf['completion_mask'], not the loss mask): here 1.3141 (ours, 56 tokens) vs 1.2075 (TRL, 35 tokens); "
-        "loss, gradients, advantages and every other metric agree"
-    ),
-)
 def test_grpo_entropy_metric_with_truncated_completions_matches_trl():
+    """With ``mask_truncated_completions`` the logged entropy is averaged over the kept completions' tokens, as TRL's
+    (it zeroes the truncated rows' completion mask); it was over every completion token (1.3141 vs TRL's 1.2075)."""
     data = _with_eos(_data())
     case = _lt("dapo", mask_truncated_completions=True)
     _close(ours(data, case).metrics["entropy"], trl_grpo(data, case).metrics["entropy"], "metric entropy")

@@ -39,6 +39,7 @@ from src.losses import (
     simpo_loss,
     wpo_weights,
 )
+from src.models import mix_into_
 from src.modules.base import AlignmentModule
 
 LossType = Literal[
@@ -246,9 +247,7 @@ class DPO(AlignmentModule):
         k, step = self.hparams.ref_model_sync_steps, self.global_step
         if not k or step == 0 or step % k or step == self._synced_step or self.ref_model is None:
             return
-        alpha = self.hparams.ref_model_mixup_alpha
-        for p_ref, p in zip(self.ref_model.parameters(), self.model.parameters(), strict=True):
-            p_ref.lerp_(p.detach().to(p_ref.dtype), alpha)
+        mix_into_(self.ref_model, self.model, self.hparams.ref_model_mixup_alpha)
         self._synced_step = step
 
     def on_fit_start(self) -> None:

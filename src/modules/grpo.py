@@ -53,6 +53,7 @@ from src.losses import (
     rloo_loss,
     sequence_kl_penalty,
 )
+from src.models import mix_into_
 from src.modules.online import OnlineModule
 from src.rollout import SamplingConfig
 
@@ -329,7 +330,7 @@ class GRPO(OnlineModule):
             self.check_finite(loss, "GRPO loss")
             self.manual_backward(loss)
             total = total + loss.detach()
-            metrics["entropy"] = masked_mean(entropy.detach(), buf["completion_mask"][idx])
+            metrics["entropy"] = masked_mean(entropy.detach(), m)  # over the loss tokens (TRL: kept completions)
             for k, v in metrics.items():
                 acc[k] = acc.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32) * share
         if h.max_grad_norm:
@@ -389,8 +390,7 @@ class GRPO(OnlineModule):
             return
         if self.ref_model is None:
             return
-        for p_ref, p in zip(self.ref_model.parameters(), self.model.parameters(), strict=True):
-            p_ref.lerp_(p.detach().to(p_ref.dtype), h.ref_model_mixup_alpha)
+        mix_into_(self.ref_model, self.model, h.ref_model_mixup_alpha)
         self._synced_step = step
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
