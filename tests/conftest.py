@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ def run_cli(tmp_path, monkeypatch, request):
     no_plot = [] if request.node.get_closest_marker("plots") else ["--plot.enabled=false"]
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["src"])  # pytest's own arguments are not the CLI's (LightningCLI warns)
     env = dict(os.environ)
 
     def run(args: list[str]):

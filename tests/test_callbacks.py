@@ -177,3 +177,46 @@ def test_a_plain_trainer_logs_the_metrics_without_the_cli(tmp_path):
         assert m["train/tokens_per_s"] == pytest.approx(m["train/device/items_per_sec"], rel=1e-5)
         assert m["train/samples_per_s"] == pytest.approx(m["train/device/samples_per_sec"], rel=1e-5)
         assert m["train/tokens_per_s"] > m["train/samples_per_s"] > 0
+
+
+def test_fit_summary_shows_a_held_out_greedy_completion_before_and_after(tmp_path, caplog):
+    """The end-of-fit summary (rank zero, plain ``Trainer`` too) prints the first held-out prompt's greedy completion
+    at the start and at the end, and the data's completion; a reward model (no LM head) gets none."""
+    from lightning import Trainer
+
+    from src.callbacks.summary import greedy_sample
+    from src.data import AlignmentDataModule
+    from src.modules.dpo import DPO
+    from src.modules.reward import RewardModel
+
+    def fit(module, steps=4):
+        trainer = Trainer(
+            max_steps=steps,
+            limit_val_batches=0,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        dm = AlignmentDataModule(batch_size=4, tiny_rows=64)
+        trainer.fit(module, dm)
+        return trainer, dm
+
+    with caplog.at_level("INFO"):
+        trainer, dm = fit(DPO(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2)))
+    text = caplog.text
+    row = dm.val_set[0]
+    prompt = dm.tokenizer.decode(row["prompt_ids"], skip_special_tokens=True)
+    chosen = dm.tokenizer.decode(row["chosen_ids"], skip_special_tokens=True)
+    assert f"greedy completion of the held-out prompt {prompt!r}:" in text
+    lines = text[text.index("greedy completion of") :].splitlines()
+    before, after, data = (line.split(": ", 1) for line in lines[1:4])
+    assert before[0].strip() == "step 0" and after[0].strip() == "step 4" and data == ["    data", repr(chosen)]
+    now = greedy_sample(trainer, trainer.lightning_module)  # greedy: the trained policy gives the same text again
+    assert repr(now["completion"]) == after[1] and now["step"] == 4
+    assert before[1] != after[1]  # 4 steps at lr 1e-2 change the greedy text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        trainer, _ = fit(RewardModel(), steps=1)
+    assert greedy_sample(trainer, trainer.lightning_module) is None and "greedy completion" not in caplog.text

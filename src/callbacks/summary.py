@@ -89,8 +89,10 @@ class FitSummary(Callback):
     all ranks' samples.
     """
 
-    def __init__(self, window: int = 10) -> None:
+    def __init__(self, window: int = 10, generation: bool = True) -> None:
         self.window = window
+        self.generation = generation
+        self._sample: dict[str, Any] | None = None  # the held-out prompt and its greedy completion at the start
         self._values: dict[str, list[Tensor]] = {}  # per optimizer step: (sum, count)
         self._step = MetricWindow()  # the current optimizer step's micro-batches
         self._last_step = -1
@@ -109,6 +111,7 @@ class FitSummary(Callback):
         return out
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._sample = greedy_sample(trainer, pl_module) if self.generation else None
         self._last_step = trainer.global_step
         self._first_step = None  # the global step of the first recorded step (31 when resuming after step 30)
         self._step.clear()
@@ -186,10 +189,55 @@ class FitSummary(Callback):
             val_key = "val/" + key.split("/", 1)[1]
             if val_key in trainer.callback_metrics:
                 lines.append(f"  {val_key}: {float(trainer.callback_metrics[val_key]):.4f} (last validation)")
+        if self._sample is not None:
+            before, after = self._sample, greedy_sample(trainer, pl_module, self._sample)
+            lines.append(f"  greedy completion of the {before['source']} prompt {before['prompt']!r}:")
+            lines.append(f"    step {before['step']}: {before['completion']!r}")
+            lines.append(f"    step {after['step']}: {after['completion']!r}")
+            if before.get("expected") is not None:
+                lines.append(f"    data: {before['expected']!r}")
         if lines:
             rank_zero_info(f"{type(pl_module).__name__} finished {trainer.global_step} steps:\n" + "\n".join(lines))
         if where := outputs_of(trainer):
             rank_zero_info("Outputs:\n" + "\n".join(f"  {name}: {path}" for name, path in where.items()))
+
+
+@torch.no_grad()
+def greedy_sample(trainer: Trainer, pl_module: LightningModule, like: dict[str, Any] | None = None) -> dict | None:
+    """The greedy completion of the first held-out prompt (the first training prompt without a validation set) by
+    the policy as it is now; ``None`` for a model without an LM head (a reward model) or without a DataModule. Every
+    rank generates (sharded models need all ranks in a forward); rank zero prints."""
+    from src.logprobs import unwrap
+    from src.rollout import SamplingConfig, generate
+
+    dm, model = trainer.datamodule, getattr(pl_module, "model", None)
+    tok = getattr(dm, "tokenizer", None)
+    if model is None or tok is None or getattr(unwrap(model), "get_output_embeddings", lambda: None)() is None:
+        return None
+    if like is None:
+        sets = [("held-out", getattr(dm, "val_set", None)), ("training", getattr(dm, "train_set", None))]
+        source, ds = next(((n, d) for n, d in sets if d is not None and len(d)), (None, None))
+        if ds is None:
+            return None
+        row = ds[0]
+        target = row.get("chosen_ids", row.get("completion_ids") if row.get("label", True) else None)
+        sampling = getattr(pl_module, "sampling", None)
+        n_new = sampling.max_new_tokens if sampling is not None else (min(128, len(target) + 8) if target else 32)
+        like = {"source": source, "prompt_ids": list(row["prompt_ids"]), "max_new_tokens": n_new}
+        like["prompt"] = tok.decode(row["prompt_ids"], skip_special_tokens=True)
+        like["expected"] = None if target is None else tok.decode(target, skip_special_tokens=True)
+    ids = torch.tensor([like["prompt_ids"]], device=pl_module.device)
+    out = generate(
+        model,
+        ids,
+        torch.ones_like(ids),
+        SamplingConfig(max_new_tokens=like["max_new_tokens"], temperature=0.0),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        accel=getattr(pl_module, "accel", None),
+    )
+    completion = tok.decode(out.completion_ids[0], skip_special_tokens=True)
+    return {**like, "step": trainer.global_step, "completion": completion}
 
 
 def outputs_of(trainer: Trainer) -> dict[str, str]:
