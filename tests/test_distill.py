@@ -9,17 +9,9 @@ import pytest
 import torch
 
 from src.losses import chunked_generalized_jsd, generalized_jsd
-from tests.conftest import column, read_metrics
+from tests.conftest import FAST, column, read_metrics
 
-FAST = [
-    "--trainer.max_steps=3",
-    "--trainer.val_check_interval=2",
-    "--trainer.limit_val_batches=1",
-    "--trainer.log_every_n_steps=1",
-    "--trainer.enable_progress_bar=false",
-    "--model.init_args.teacher_sft_steps=2",
-    "--model.init_args.max_new_tokens=8",
-]
+FAST = [*FAST, "--model.init_args.teacher_sft_steps=2", "--model.init_args.max_new_tokens=8"]
 
 
 def softmax(z: list[float]) -> list[float]:

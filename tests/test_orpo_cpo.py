@@ -151,15 +151,17 @@ class _Logits(torch.nn.Module):
         return SimpleNamespace(logits=self.logits)
 
 
-def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
-    attn = torch.zeros(2 * B, T, dtype=torch.long)
-    mask = torch.zeros(2 * B, T, dtype=torch.long)
-    for i, (pad, prompt, completion) in enumerate(LAYOUTS):
+def _batch(seed: int = 0, layouts: list[tuple[int, int, int]] = LAYOUTS, t: int = T, v: int = V) -> dict:
+    """Random ids and float64 logits ``[len(layouts), t, v]`` with the rows' padding and completion masks."""
+    n = len(layouts)
+    attn = torch.zeros(n, t, dtype=torch.long)
+    mask = torch.zeros(n, t, dtype=torch.long)
+    for i, (pad, prompt, completion) in enumerate(layouts):
         attn[i, pad : pad + prompt + completion] = 1
         mask[i, pad + prompt : pad + prompt + completion] = 1
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, V, (2 * B, T), generator=g)
-    logits = 2 * torch.randn(2 * B, T, V, generator=g, dtype=torch.float64)
+    ids = torch.randint(3, v, (n, t), generator=g)
+    logits = 2 * torch.randn(n, t, v, generator=g, dtype=torch.float64)
     return {"input_ids": ids, "attention_mask": attn, "completion_mask": mask, "logits": logits}
 
 

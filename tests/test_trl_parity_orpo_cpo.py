@@ -27,21 +27,14 @@ from trl.experimental.orpo.orpo_trainer import ORPOTrainer  # noqa: E402
 
 from src.modules.cpo import CPO  # noqa: E402
 from src.modules.orpo import ORPO  # noqa: E402
+from tests.test_orpo_cpo import _batch as random_batch  # noqa: E402
 
 B, T, V = 4, 10, 23
 LAYOUTS = [(0, 2, 5), (1, 3, 4), (0, 4, 1), (2, 1, 7), (0, 3, 3), (0, 2, 8), (1, 2, 2), (0, 5, 1)]  # chosen, rejected
 
 
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
-    attn = torch.zeros(2 * B, T, dtype=torch.long)
-    mask = torch.zeros(2 * B, T, dtype=torch.long)
-    for i, (pad, prompt, completion) in enumerate(LAYOUTS):
-        attn[i, pad : pad + prompt + completion] = 1
-        mask[i, pad + prompt : pad + prompt + completion] = 1
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, V, (2 * B, T), generator=g)
-    logits = 2 * torch.randn(2 * B, T, V, generator=g, dtype=torch.float64)
-    return {"input_ids": ids, "attention_mask": attn, "completion_mask": mask, "logits": logits}
+    return random_batch(seed, LAYOUTS, T, V)
 
 
 class _Logits(torch.nn.Module):
