@@ -8,6 +8,7 @@ a new kind fails ``test_every_readme_command_is_known``.
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shlex
@@ -88,3 +89,23 @@ def test_readme_commands_run_as_written(tmp_path):
     # what the commands promise: the pipeline's exports, the resumed run and its export
     for path in ("runs/sft/hf", "runs/rm/hf", "runs/ppo/hf", "runs/grpo/hf", "runs/grpo/checkpoints/step=60.ckpt"):
         assert (cwd / path).exists(), path
+    # the resume recipe reproduces the uninterrupted run: the README's resumed GRPO run (the last one it makes) logs
+    # steps 31..60 with the values of one straight 60-step run
+    fits = {d: by_step(d, ("train/loss", "train/reward")) for d in (cwd / "runs/grpo").glob("version_*")}
+    (got,) = [steps for steps in fits.values() if steps and min(steps) > 0]  # the one fit that began after step 1
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    proc = run("python -m src fit --config configs/grpo.yaml", None, scratch(straight))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = by_step(straight / "runs/grpo/version_0", ("train/loss", "train/reward"))
+    assert got and min(got) > 30 and max(got) == max(ref) == 59, sorted(got)  # CSV steps count from 0
+    for step, values in got.items():
+        assert values == pytest.approx(ref[step], abs=1e-6), step
+
+
+def by_step(log_dir: Path, keys: tuple[str, ...]) -> dict[int, list[float]]:
+    if not (log_dir / "metrics.csv").exists():
+        return {}
+    with open(log_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return {int(r["step"]): [float(r[k]) for k in keys] for r in rows if all(r.get(k) for k in keys)}
