@@ -186,3 +186,75 @@ def test_identical_chosen_and_rejected(tmp_path):
         make(tmp_path, rows, "preference", name="same.jsonl")
     dm = make(tmp_path, rows, "preference", name="same.jsonl", identical_pairs="keep")
     assert len(dm.train_set) == 2 and dm.identical_pairs == 1
+
+
+# A 100k-row file with a handful of bad rows (file row -> line) and one huge row, which truncation handles.
+BAD_AT_SCALE = {
+    10: b'{"prompt": "ka bo"',  # broken JSON
+    20: b'{"prompt": 5}',  # a number
+    30: b'{"prompt": ["ka", "bo"]}',  # a list that is not messages
+    40: b'{"prompt": "  "}',  # empty
+    50: b'{"prompt": "ka \xff\xfe bo"}',  # not UTF-8
+    60: b'{"prompt": [{"role": "robot", "content": "ka bo"}]}',  # unknown chat role
+    70_000: b"[1, 2]",  # not an object
+}
+SCALE_ROWS, HUGE_AT = 100_000, 80_000
+
+
+def scale_file(tmp_path):
+    lines = [b'{"prompt": "tamezi %d pakula"}' % n for n in range(1, SCALE_ROWS + 1)]
+    for n, line in BAD_AT_SCALE.items():
+        lines[n - 1] = line
+    lines[HUGE_AT - 1] = json.dumps({"prompt": "ka bo " * 170_000}).encode()  # ~1 MB
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_bad_rows_at_scale_one_error_names_the_first_and_counts_all(tmp_path):
+    import time
+
+    path = scale_file(tmp_path)
+    start = time.perf_counter()
+    with pytest.raises(DataError) as e:
+        AlignmentDataModule(str(path), kind="prompt", val_size=0, max_prompt_length=16).setup()
+    elapsed = time.perf_counter() - start
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 2000
+    assert msg.startswith(f"{len(BAD_AT_SCALE)} bad rows (the first 5: ") and "skip_bad_rows=true" in msg
+    for n, what in [
+        (10, "broken JSON line"),
+        (20, "field 'prompt': expected a string or a list of messages, got int (5)"),
+        (30, "field 'prompt': messages must be"),
+        (40, "field 'prompt': empty string"),
+        (50, "not valid UTF-8 (byte 0xff"),
+    ]:
+        assert f"{path}: row {n}: {what}" in msg, what
+    assert "row 60" not in msg  # listed: the first five only
+    assert elapsed < 15, elapsed  # validation only after the first bad row: ~2 s on 2 busy cores
+
+
+def test_skip_bad_rows_skips_counts_and_logs(tmp_path, caplog):
+    path = scale_file(tmp_path)
+    dm = AlignmentDataModule(str(path), kind="prompt", val_size=0, max_prompt_length=16, skip_bad_rows=True)
+    with caplog.at_level("WARNING"):
+        dm.setup()
+    assert len(dm.train_set) == SCALE_ROWS - len(BAD_AT_SCALE) and dm.bad_rows == len(BAD_AT_SCALE)
+    assert dm.truncated["prompt"] == 1  # the huge row is not bad: keep_end cuts it, counted
+    assert len(dm.train_set[HUGE_AT - 1 - len(BAD_AT_SCALE)]["prompt_ids"]) == 16  # the bad rows before it skipped
+    warning = next(r.getMessage() for r in caplog.records if "bad rows" in r.getMessage())
+    assert warning.startswith(f"skipped {len(BAD_AT_SCALE)} bad rows (skip_bad_rows=true); the first 5: ")
+    assert f"{path}: row 10: broken JSON line" in warning
+
+
+def test_unknown_chat_role_and_a_failing_template_name_the_row(tmp_path):
+    rows = [{"prompt": [{"role": "robot", "content": "a"}], "completion": "b"}]
+    with pytest.raises(DataError, match=r"row 1: field 'prompt': message role 'robot' is not one of"):
+        make(tmp_path, rows, "sft")
+    dm = AlignmentDataModule(kind="sft", tiny_rows=4, val_size=0)
+    dm.tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "a"}], "completion": "b"}) + "\n")
+    dm.hparams.path = str(path)
+    with pytest.raises(DataError, match=r"chat\.jsonl: row 1: field 'prompt': the chat template fails \(.*alternate"):
+        dm.setup()

@@ -240,6 +240,24 @@ def test_scorer_timeout():
     assert RewardScorer([digit_fraction], timeout_s=1.0)(["p"], ["1"])[0].item() == 1.0
 
 
+def hanging_reward(prompts, completions, **_):
+    """Importable by path for the CLI test below: hangs (for 3 s)."""
+    time.sleep(3)
+    return [0.0] * len(completions)
+
+
+def test_reward_timeout_is_an_option_of_the_grpo_config(run_cli):
+    """``reward_timeout_s`` reaches the scorer from the command line (GRPO and PPO share it: OnlineModule)."""
+    from tests.conftest import FAST
+
+    args = [
+        "--model.init_args.reward_funcs=[tests.test_rewards.hanging_reward]",
+        "--model.init_args.reward_timeout_s=0.3",
+    ]
+    with pytest.raises(TimeoutError, match="'hanging_reward' did not return within 0.3 s"):
+        run_cli(["fit", "--config", "grpo.yaml", *FAST, "--trainer.max_steps=1", *args])
+
+
 def _named(name, func):
     func.__name__ = name
     return func

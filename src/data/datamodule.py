@@ -10,7 +10,8 @@ Row kinds (plain text, or conversational messages rendered with the tokenizer's 
 
 Sources: JSONL, JSON, Parquet, or a ``datasets.save_to_disk`` directory; ``path=None`` uses the embedded tiny task.
 Prompt and completion are tokenized separately, so the completion mask covers exactly the response tokens plus
-EOS. Bad rows raise :class:`DataError` naming the file, the row and the field; truncation is counted and logged.
+EOS. Bad rows raise one :class:`DataError` that names the file, row and field of the first few and counts them all
+(or, with ``skip_bad_rows``, are skipped, counted and logged); truncation is counted and logged.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import math
 import os
 import random
+import reprlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -44,8 +46,57 @@ REQUIRED = {
 }
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")  # the message roles of chat templates
+MAX_LISTED = 5  # bad rows named in the error / warning; all are counted
+
+
 class DataError(ValueError):
     """A bad input row; the message names the source, the row and the field."""
+
+
+class BadRow:
+    """A row that could not be read (broken JSON, not UTF-8, not an object), kept in place by ``read_rows(...,
+    keep_bad=True)`` so that the rows after it keep their numbers; ``message`` names the file and row."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class BadRows:
+    """The bad rows of one load: every one is counted, the first :data:`MAX_LISTED` messages kept (bounded memory)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        if len(self.first) < MAX_LISTED:
+            self.first.append(message)
+
+    def summary(self) -> str:
+        if self.count == 1:
+            return self.first[0]
+        return f"{self.count} bad rows (the first {len(self.first)}: {'; '.join(self.first)})"
+
+    def check(self, skip: bool) -> None:
+        """Raise one :class:`DataError` for all bad rows, or, with ``skip``, log their count and the first few."""
+        if not self.count:
+            return
+        if not skip:
+            raise DataError(f"{self.summary()}; fix them, or set data.skip_bad_rows=true to skip and count them")
+        listed = "; ".join(self.first)
+        log.warning("skipped %d bad rows (skip_bad_rows=true); the first %d: %s", self.count, len(self.first), listed)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 40, 40, 3, 3, 2
+
+
+def _short(value: Any, n: int = 60) -> str:
+    """``repr(value)`` in at most ``n`` characters, in time bounded whatever the value's size."""
+    text = _REPR.repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def load_tokenizer(name_or_path: str):
@@ -73,8 +124,11 @@ def load_tokenizer(name_or_path: str):
 
 
 # ----------------------------------------------------------------------------------------------------------- loading
-def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """Rows of a JSONL / JSON / Parquet file or a ``save_to_disk`` directory, plus any extra named splits."""
+def read_rows(path: str | Path, keep_bad: bool = False) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Rows of a JSONL / JSON / Parquet file or a ``save_to_disk`` directory, plus any extra named splits.
+
+    A JSONL line that is not UTF-8, not JSON or not an object raises :class:`DataError`; with ``keep_bad`` it becomes
+    a :class:`BadRow` in its place instead (the caller counts and reports them)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"data path {str(p)!r} does not exist")
@@ -88,17 +142,22 @@ def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, list[di
             return ds["train"].to_list(), {k: v.to_list() for k, v in ds.items() if k != "train"}
         return ds.to_list(), {}
     if p.suffix == ".jsonl":
-        rows = []
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
+        rows: list[Any] = []
+        with p.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = json.loads(raw.decode("utf-8"))
+                    error = None if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
+                except UnicodeDecodeError as e:
+                    error = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)"
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{p}: row {n}: broken JSON line ({e.msg} at column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{p}: row {n}: expected a JSON object, got {type(row).__name__}")
+                    error = f"broken JSON line ({e.msg} at column {e.colno})"
+                if error is not None:
+                    if not keep_bad:
+                        raise DataError(f"{p}: row {n}: {error}")
+                    row = BadRow(f"{p}: row {n}: {error}")
                 rows.append(row)
         return rows, {}
     if p.suffix == ".json":
@@ -128,10 +187,12 @@ def _check_text(value: Any, where: str, field: str) -> None:
         for m in value:
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise DataError(
-                    f"{where}: field {field!r}: messages must be {{'role': str, 'content': str}}, got {m!r}"
+                    f"{where}: field {field!r}: messages must be {{'role': str, 'content': str}}, got {_short(m)}"
                 )
+            if m["role"] not in ROLES:
+                raise DataError(f"{where}: field {field!r}: message role {_short(m['role'])} is not one of {ROLES}")
         return
-    kind = "empty list" if isinstance(value, list) else f"{type(value).__name__} ({value!r:.40})"
+    kind = "empty list" if isinstance(value, list) else f"{type(value).__name__} ({_short(value, 40)})"
     raise DataError(f"{where}: field {field!r}: expected a string or a list of messages, got {kind}")
 
 
@@ -149,13 +210,13 @@ def normalise_row(row: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
             raise DataError(f"{where}: field {field!r}: missing (a {kind} row needs {', '.join(REQUIRED[kind])})")
         if field == "label":
             if not isinstance(row["label"], bool):
-                raise DataError(f"{where}: field 'label': expected true or false, got {row['label']!r:.40}")
+                raise DataError(f"{where}: field 'label': expected true or false, got {_short(row['label'], 40)}")
             continue
         _check_text(row[field], where, field)
     if kind == "preference" and row.get("margin") is not None:
         m = row["margin"]
         if isinstance(m, bool) or not isinstance(m, int | float) or not math.isfinite(m):
-            raise DataError(f"{where}: field 'margin': expected a finite number, got {m!r}")
+            raise DataError(f"{where}: field 'margin': expected a finite number, got {_short(m, 40)}")
     return row
 
 
@@ -199,9 +260,15 @@ class Tokenize:
         self.truncation = truncation
         self.cut: Counter[str] = Counter()
 
+    def _template(self, messages: list[dict], where: str, field: str, **kw: Any) -> str:
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, **kw)
+        except Exception as e:  # noqa: BLE001 - a template that refuses the row (e.g. roles out of order)
+            raise DataError(f"{where}: field {field!r}: the chat template fails ({type(e).__name__}: {e})") from e
+
     def prompt(self, prompt: str | list[dict], where: str) -> list[int]:
         if isinstance(prompt, list):
-            text = self.tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            text = self._template(prompt, where, "prompt", add_generation_prompt=True)
             ids = self.tok(text, add_special_tokens=False)["input_ids"]
         else:
             ids = self.tok(prompt, add_special_tokens=True)["input_ids"]
@@ -221,8 +288,8 @@ class Tokenize:
         eos = self.tok.eos_token_id
         if isinstance(completion, list):
             msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            head = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            full = self.tok.apply_chat_template(msgs + completion, tokenize=False)
+            head = self._template(msgs, where, field, add_generation_prompt=True)
+            full = self._template(msgs + completion, where, field)
             if not full.startswith(head):
                 raise DataError(f"{where}: field {field!r}: the chat template does not render the prompt as a prefix")
             text = full[len(head) :].rstrip()
@@ -330,6 +397,10 @@ class AlignmentDataModule(LightningDataModule):
         tiny_rows: rows generated for the embedded task.
         identical_pairs: a preference pair whose chosen equals its rejected (after tokenization) is an ``error``
             naming its file and row; ``keep`` keeps such pairs (they carry no gradient in DPO) and logs their count.
+        skip_bad_rows: bad rows (broken JSON, not UTF-8, missing, empty or mistyped fields, unknown message roles,
+            too long under ``truncation: error``, identical pairs under ``identical_pairs: error``) raise one
+            :class:`DataError` naming the first few (file, row, field) and counting all; ``True`` skips them and
+            logs a warning with their count and the first few.
         predict_path: held-out prompts for ``predict`` and ``test`` (``prompt`` + any columns, e.g. ``answer``);
             ``None`` = the prompts of the validation rows (their other fields become columns).
     """
@@ -355,14 +426,19 @@ class AlignmentDataModule(LightningDataModule):
         split_seed: int = 0,
         identical_pairs: Literal["error", "keep"] = "error",
         predict_path: str | None = None,
+        skip_bad_rows: bool = False,
     ) -> None:
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer_name_or_path)
         self.train_set: RowDataset | None = None
         self.val_set: RowDataset | None = None
         self.truncated: Counter[str] = Counter()
         self.identical_pairs = 0  # pairs whose chosen equals their rejected (kept under identical_pairs=keep)
+        self.bad_rows = 0  # rows skipped under skip_bad_rows=True
         self.sampler: ResumableSampler | None = None
         self._resume: tuple[int, int] = (0, 0)  # (epoch, rows consumed) restored from a checkpoint
 
@@ -383,10 +459,10 @@ class AlignmentDataModule(LightningDataModule):
             rows = list(tiny.generate_rows("preference" if self.kind == "unpaired" else self.kind, h.tiny_rows))
             src, extra = "<embedded tiny task>", {}
         else:
-            rows, extra = read_rows(h.path)
+            rows, extra = read_rows(h.path, keep_bad=True)
             src = str(h.path)
         if h.val_path is not None:
-            return [(src, rows)], [(str(h.val_path), read_rows(h.val_path)[0])]
+            return [(src, rows)], [(str(h.val_path), read_rows(h.val_path, keep_bad=True)[0])]
         for name in ("validation", "test"):
             if name in extra:
                 return [(src, rows)], [(f"{src}[{name}]", extra[name])]
@@ -398,23 +474,35 @@ class AlignmentDataModule(LightningDataModule):
         val = [r for i, r in enumerate(rows) if i in held]
         return [(src, train)], [(f"{src}[val split]", val)]
 
-    def _tokenize(self, parts: list[tuple[str, list[dict]]], tokenize: Tokenize) -> RowDataset:
+    def _tokenize(self, parts: list[tuple[str, list[dict]]], tokenize: Tokenize, bad: BadRows) -> RowDataset:
+        """Validate and tokenize rows; bad ones go to ``bad``. Once a bad row is found and ``skip_bad_rows`` is off,
+        the remaining rows are only validated (cheap), not tokenized: the error comes in bounded time."""
         out = []
+        kind, skip = self.kind, self.hparams.skip_bad_rows
         for src, rows in parts:
             numbered = list(enumerate(rows, 1))
-            for i, row in unpair_rows(numbered) if self.kind == "unpaired" else numbered:
+            for i, row in unpair_rows(numbered) if kind == "unpaired" else numbered:
                 where = f"{src}: row {i}"
-                if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
-                row = normalise_row(row, self.kind, where)
-                out.append(tokenize.row(row, self.kind, where, len(out)))
-                if self.kind == "preference" and out[-1]["chosen_ids"] == out[-1]["rejected_ids"]:
-                    if self.hparams.identical_pairs == "error":
-                        raise DataError(
-                            f"{where}: fields 'chosen' and 'rejected' are identical after tokenization (the pair "
-                            "states no preference); fix the row, or set data.identical_pairs=keep to keep and count"
-                        )
-                    self.identical_pairs += 1
+                try:
+                    if isinstance(row, BadRow):
+                        raise DataError(row.message)
+                    if not isinstance(row, dict):
+                        raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
+                    row = normalise_row(row, kind, where)
+                    if bad.count and not skip:
+                        continue
+                    tokenized = tokenize.row(row, kind, where, len(out))
+                    if kind == "preference" and tokenized["chosen_ids"] == tokenized["rejected_ids"]:
+                        if self.hparams.identical_pairs == "error":
+                            raise DataError(
+                                f"{where}: fields 'chosen' and 'rejected' are identical after tokenization (the "
+                                "pair states no preference); set data.identical_pairs=keep to keep and count them"
+                            )
+                        self.identical_pairs += 1
+                except DataError as e:
+                    bad.add(str(e))
+                    continue
+                out.append(tokenized)
                 if ("margin" in out[-1]) != ("margin" in out[0]):  # a batch needs a margin on every row or none
                     raise DataError(f"{where}: field 'margin': given on some rows only (every row needs one, or none)")
         return RowDataset(out)
@@ -425,10 +513,14 @@ class AlignmentDataModule(LightningDataModule):
         h = self.hparams
         train_parts, val_parts = self._raw()
         tok = Tokenize(self.tokenizer, h.max_prompt_length, h.max_completion_length, h.max_length, h.truncation)
-        self.train_set = self._tokenize(train_parts, tok)
-        if len(self.train_set) == 0:
+        bad = BadRows()
+        train_set = self._tokenize(train_parts, tok, bad)
+        val_set = self._tokenize(val_parts, tok, bad) if val_parts else None
+        bad.check(h.skip_bad_rows)
+        self.bad_rows = bad.count
+        if len(train_set) == 0:
             raise DataError(f"{train_parts[0][0]}: no usable rows")
-        self.val_set = self._tokenize(val_parts, tok) if val_parts else None
+        self.train_set, self.val_set = train_set, val_set
         self.truncated = tok.cut
         if self.identical_pairs:
             log.warning(
@@ -484,7 +576,7 @@ class AlignmentDataModule(LightningDataModule):
         the distributed sampler (for ``predict`` one that gives every prompt to exactly one rank)."""
         h = self.hparams
         if h.predict_path is not None:
-            parts = [(str(h.predict_path), read_rows(h.predict_path)[0])]
+            parts = [(str(h.predict_path), read_rows(h.predict_path, keep_bad=True)[0])]
         else:
             parts = self._raw()[1]
             if not parts:
@@ -492,13 +584,19 @@ class AlignmentDataModule(LightningDataModule):
                     "predict/test need held-out prompts: set data.predict_path (or keep a validation split)"
                 )
         tok = Tokenize(self.tokenizer, h.max_prompt_length, h.max_completion_length, h.max_length, h.truncation)
-        rows = []
+        rows, bad = [], BadRows()
         for src, part in parts:
             for i, row in enumerate(part, 1):
                 where = f"{src}: row {i}"
-                if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
-                rows.append(tok.row(normalise_row(dict(row), "prompt", where), "prompt", where, len(rows)))
+                try:
+                    if isinstance(row, BadRow):
+                        raise DataError(row.message)
+                    if not isinstance(row, dict):
+                        raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
+                    rows.append(tok.row(normalise_row(dict(row), "prompt", where), "prompt", where, len(rows)))
+                except DataError as e:
+                    bad.add(str(e))
+        bad.check(h.skip_bad_rows)
         loader_bs = h.val_batch_size or h.batch_size
         return DataLoader(
             RowDataset(rows), batch_size=loader_bs, collate_fn=PromptCollator(self.tokenizer.pad_token_id)
