@@ -225,6 +225,18 @@ class AlignCLI(LightningCLI):
             check_checkpoint(ckpt)
             check_same_job(ckpt, self.config[sub].get("model"))
 
+    def before_fit(self) -> None:
+        """A ``data.batch_size`` the model's options cannot split (GRPO's ``steps_per_generation``, PPO's
+        ``num_mini_batches``) ends the command in one line before the fit starts."""
+        batch_size = getattr(self.datamodule, "hparams", {}).get("batch_size")
+        check = getattr(self.model, "check_batch_size", None)
+        if batch_size is None or check is None:
+            return
+        try:
+            check(batch_size)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+
     def after_fit(self) -> None:
         """Close W&B runs so offline runs are complete on disk (summary, config, files) when ``fit`` returns."""
         if any(isinstance(logger, WandbLogger) for logger in self.trainer.loggers):

@@ -95,6 +95,34 @@ def test_ckpt_path_last_resumes_the_job_config_checkpoints(run_cli, tmp_path):
     assert all(got[s] == pytest.approx(ref[s], abs=1e-6) for s in got)
 
 
+def test_full_disk_fails_the_save_naming_it_and_last_still_resumes(run_cli, tmp_path, monkeypatch):
+    """Issue 17: a checkpoint write that fails (disk full; a read-only directory fails the same way, but tests run
+    as root, where chmod does not stop writes) raises naming the file, and leaves the previous checkpoint usable:
+    ``--ckpt_path last`` resumes from it."""
+    import errno
+
+    from src.callbacks.checkpoint_io import check_checkpoint
+
+    base = ["fit", "--config", "dpo.yaml", *FAST, *EVERY_3]
+    run_cli([*base, "--trainer.max_steps=3"])
+    last = tmp_path / "runs/dpo/checkpoints/last.ckpt"
+    before = last.read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m, pytest.raises(OSError) as e:
+        m.setattr(torch, "save", full)
+        run_cli([*base, "--trainer.max_steps=6", "--ckpt_path=last"])
+    assert e.value.errno == errno.ENOSPC
+    assert f"cannot write checkpoint '{last.parent}/step=6.ckpt': No space left on device" in str(e.value)
+    assert last.read_bytes() == before and not list(last.parent.glob(".*.tmp"))  # untouched, no temporary left
+    check_checkpoint(last)
+    resumed = run_cli([*base, "--trainer.max_steps=6", "--ckpt_path=last", "--trainer.logger.init_args.version=r"])
+    steps = sorted(int(r["step"]) for r in read_metrics(resumed.trainer.logger.log_dir) if r.get("train/loss"))
+    assert resumed.trainer.global_step == 6 and steps == [3, 4, 5]  # resumed at step 3
+
+
 def test_bad_option_is_one_line(run_cli, capsys):
     with pytest.raises(SystemExit) as e:
         run_cli(["fit", "--config", "dpo.yaml", "--model.init_args.beta=abc"])
@@ -102,6 +130,37 @@ def test_bad_option_is_one_line(run_cli, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) <= 3, err  # usage line, the --help tip, the error
     assert err[-1].startswith("error:") and "beta" in err[-1] and "abc" in err[-1]
+
+
+BAD_VALUES = [  # (config, option, what the one-line error says); the first two fail in the parser (exit code 2)
+    ("dpo.yaml", "--model.init_args.loss_type=nosuch", "\"loss_type\": Expected a typing.Literal['sigmoid'"),
+    ("dpo.yaml", "--model.init_args.optimizer.init_args.lr=abc", '"lr": Expected a path but abc'),
+    ("dpo.yaml", "--model.init_args.beta=-1", "beta must be > 0, got -1.0"),
+    ("kto.yaml", "--model.init_args.beta=0", "beta must be > 0, got 0.0"),
+    ("grpo.yaml", "--model.init_args.beta=-0.5", "beta must be >= 0, got -0.5"),
+    ("ppo.yaml", "--model.init_args.kl_coef=-1", "kl_coef must be >= 0, got -1.0"),
+    ("dpo.yaml", "--data.batch_size=0", "data.batch_size must be a positive integer, got 0"),
+    ("grpo.yaml", "--model.init_args.num_generations=1", "num_generations must be >= 2"),
+    (
+        "grpo.yaml",
+        "--model.init_args.steps_per_generation=3",
+        "steps_per_generation=3 does not divide the 16 completions of a batch (data.batch_size=4 x num_generations=4)",
+    ),
+    ("ppo.yaml", "--model.init_args.num_mini_batches=3", "num_mini_batches=3 does not divide the 16 completions"),
+]
+
+
+@pytest.mark.parametrize("config,option,message", BAD_VALUES, ids=[o.split("=")[0][2:] for _, o, _ in BAD_VALUES])
+def test_bad_value_is_one_line_naming_the_option(run_cli, capsys, config, option, message):
+    """Issue 17: a bad option value ends the command at start with one line that names the option."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(["fit", "--config", config, *FAST, option])
+    if isinstance(e.value.code, str):  # raised by the module or the DataModule (src.cli.AlignCLI)
+        line = e.value.code
+    else:  # jsonargparse
+        assert e.value.code == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error:") and "\n" not in line and message in line, line
 
 
 def test_unimportable_reward_is_one_line(run_cli):

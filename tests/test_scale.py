@@ -265,3 +265,24 @@ def test_atomic_checkpoint_save_leaves_no_partial_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(torch.load(target, weights_only=False)["state_dict"]["w"], torch.ones(2))  # old one intact
     assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]  # no temporary left behind
+
+
+def test_checkpoint_in_a_read_only_directory_names_the_file(tmp_path, monkeypatch):
+    """A read-only directory (simulated: tests run as root, where chmod 0o500 does not stop writes) fails the save
+    with the same kind of OSError, naming the checkpoint; the one there stays."""
+    import errno
+    import tempfile
+
+    from src.callbacks.checkpoint_io import AtomicCheckpointIO
+
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, target)
+
+    def read_only(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(PermissionError, match=f"cannot write checkpoint '{target}': Permission denied \\(the previous"):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, target)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(target, weights_only=False)["state_dict"]["w"], torch.ones(2))

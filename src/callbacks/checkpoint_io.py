@@ -17,19 +17,33 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose writes are atomic; a failed write (disk full, read-only directory) raises an
+    ``OSError`` naming the checkpoint and leaves the file that was there as it was."""
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as e:
+            raise _write_error(path, e) from e
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise _write_error(path, e) from e
             raise
+
+
+def _write_error(path: Path, e: OSError) -> OSError:
+    """The same kind of ``OSError`` (``errno`` kept), naming the checkpoint that could not be written."""
+    previous = "the previous checkpoint there is unchanged" if path.exists() else "nothing was written"
+    return OSError(e.errno, f"cannot write checkpoint {str(path)!r}: {e.strerror or e} ({previous})")
 
 
 def check_checkpoint(path: _PATH) -> None:

@@ -27,6 +27,12 @@ from src.models import disable_dropout, load_causal_lm
 log = logging.getLogger(__name__)
 
 
+def check_positive(name: str, value: float, *, zero_ok: bool = False) -> None:
+    """A one-line ``ValueError`` naming the option unless ``value`` is > 0 (>= 0 with ``zero_ok``; NaN fails)."""
+    if not (value >= 0 if zero_ok else value > 0):
+        raise ValueError(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+
 # -------------------------------------------------------------------------------------------------------- the module
 class AlignmentModule(LightningModule):
     """Base LightningModule: owns the policy, an optional frozen reference, optimizer and scheduler.
@@ -297,6 +303,10 @@ class AlignmentModule(LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_idx = batch_idx
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Refuse, before the fit, a ``data.batch_size`` this module's options cannot split (one-line ``ValueError``
+        naming both); the CLI calls it before ``fit``, online modules also at ``setup``."""
 
     def on_fit_start(self) -> None:
         self.accel.on_fit_start()

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from src.losses import cpo_loss, masked_sum, nll_loss
-from src.modules.base import AlignmentModule
+from src.modules.base import AlignmentModule, check_positive
 
 
 class CPO(AlignmentModule):
@@ -53,6 +53,7 @@ class CPO(AlignmentModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        check_positive("beta", beta)
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
         self.save_hyperparameters()

@@ -40,7 +40,7 @@ from src.losses import (
     wpo_weights,
 )
 from src.models import mix_into_
-from src.modules.base import AlignmentModule
+from src.modules.base import AlignmentModule, check_positive
 
 LossType = Literal[
     "sigmoid",
@@ -114,6 +114,7 @@ class DPO(AlignmentModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        check_positive("beta", beta)
         self.loss_terms = loss_terms(loss_type, loss_weights, rpo_alpha)
         types = [t for t, _ in self.loss_terms]
         check_options(

@@ -54,6 +54,7 @@ from src.losses import (
     sequence_kl_penalty,
 )
 from src.models import mix_into_
+from src.modules.base import check_positive
 from src.modules.online import OnlineModule
 from src.rollout import SamplingConfig
 
@@ -151,6 +152,9 @@ class GRPO(OnlineModule):
         self.entropy_coef = float(entropy_coef)
         self.last_entropy = math.inf
         self._synced_step = 0  # reference sync: the global step of the last update
+
+    def check_batch_size(self, batch_size: int) -> None:
+        self.split_check(batch_size, "steps_per_generation", self.hparams.steps_per_generation)
 
     # -- advantages and log-probs (rollout, sampling and scoring: OnlineModule) ---------------------------------------
     def advantages(self, rewards: Tensor, buf: dict[str, Any] | None = None) -> Tensor:
@@ -424,6 +428,11 @@ def check_options(h: Any, *, has_rewards: bool) -> None:
     """Refuse, at construction, the option combinations that mean nothing (each error names both options); repeat
     TRL's warnings on the importance-sampling level of ``luspo`` / ``vespo`` / token-sum losses."""
     lt = h.loss_type
+    check_positive("beta", h.beta, zero_ok=True)
+    check_positive("num_iterations", h.num_iterations)
+    check_positive("steps_per_generation", h.steps_per_generation)
+    if h.num_generations < 2:
+        raise ValueError(f"num_generations must be >= 2 (a group to compare completions in), got {h.num_generations}")
     if lt == "rloo" and h.advantage != "rloo":
         raise ValueError("loss_type='rloo' is TRL's RLOO objective and needs advantage='rloo' (leave-one-out baseline)")
     if lt == "rloo" and h.importance_sampling_level != "token":

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from src.losses import kto_loss, masked_mean, masked_sum
-from src.modules.base import AlignmentModule
+from src.modules.base import AlignmentModule, check_positive
 
 
 class KTO(AlignmentModule):
@@ -53,6 +53,7 @@ class KTO(AlignmentModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        check_positive("beta", beta)
         if desirable_weight < 0 or undesirable_weight < 0:
             raise ValueError(
                 f"desirable_weight and undesirable_weight must be >= 0, got {desirable_weight} and {undesirable_weight}"

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from src.modules.base import AlignmentModule
+from src.modules.base import AlignmentModule, check_positive
 from src.rewards import RewardScorer
 from src.rollout import Rollout, SamplingConfig, generate
 
@@ -61,6 +61,10 @@ class OnlineModule(AlignmentModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        check_positive("num_generations", num_generations)
+        check_positive("max_new_tokens", max_new_tokens)
+        if micro_batch_size is not None:
+            check_positive("micro_batch_size", micro_batch_size)
         self.automatic_optimization = False
         funcs = [] if reward_funcs is None else reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
         self.rewards = RewardScorer(funcs, reward_weights, reward_timeout_s) if funcs else None
@@ -77,6 +81,17 @@ class OnlineModule(AlignmentModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and self.tokenizer is None:
             self.tokenizer = dm.tokenizer
+        if stage == "fit" and dm is not None and hasattr(dm, "hparams") and "batch_size" in dm.hparams:
+            self.check_batch_size(dm.hparams.batch_size)
+
+    def split_check(self, batch_size: int, option: str, parts: int) -> None:
+        """``option`` = ``parts`` must divide the ``batch_size × num_generations`` completions of a batch."""
+        n = batch_size * self.hparams.num_generations
+        if n % parts:
+            raise ValueError(
+                f"{option}={parts} does not divide the {n} completions of a batch (data.batch_size={batch_size} x "
+                f"num_generations={self.hparams.num_generations}): choose values whose product it divides"
+            )
 
     @torch.no_grad()
     def rollout(

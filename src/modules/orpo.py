@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from src.losses import masked_mean, nll_loss, orpo_loss
-from src.modules.base import AlignmentModule
+from src.modules.base import AlignmentModule, check_positive
 
 
 class ORPO(AlignmentModule):
@@ -40,6 +40,7 @@ class ORPO(AlignmentModule):
 
     def __init__(self, *args: Any, beta: float = 0.1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        check_positive("beta", beta)
         self.save_hyperparameters()
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -70,6 +70,7 @@ from src.losses import (
     rloo_advantages,
 )
 from src.models import disable_dropout
+from src.modules.base import check_positive
 from src.modules.online import OnlineModule
 from src.modules.reward import SEQUENCE_CLASSIFIER, load_reward_model, score_head, sequence_scores
 from src.rollout import SamplingConfig
@@ -148,6 +149,7 @@ class PPO(OnlineModule):
             raise ValueError("PPO needs a reward: give reward_funcs, reward_model_path, or both")
         if advantage_estimator == "rloo" and num_generations < 2:
             raise ValueError("advantage_estimator='rloo' needs num_generations >= 2 (a leave-one-out baseline)")
+        check_positive("kl_coef", kl_coef, zero_ok=True)
         if ppo_epochs < 1 or num_mini_batches < 1:
             raise ValueError(f"ppo_epochs and num_mini_batches must be >= 1, got {ppo_epochs}, {num_mini_batches}")
         if kl_target is not None and (kl_target <= 0 or kl_horizon <= 0):
@@ -159,6 +161,9 @@ class PPO(OnlineModule):
         self.value_head: nn.Linear | None = None
         self._critic_init: nn.Module | None = None
         self.set_reward_model(None)
+
+    def check_batch_size(self, batch_size: int) -> None:
+        self.split_check(batch_size, "num_mini_batches", self.hparams.num_mini_batches)
 
     # -- models: policy + reference (base), reward model, critic ----------------------------------------------------
     def build_model(self) -> nn.Module:
