@@ -27,12 +27,6 @@ from src.models import disable_dropout, load_causal_lm
 log = logging.getLogger(__name__)
 
 
-def check_positive(name: str, value: float, *, zero_ok: bool = False) -> None:
-    """A one-line ``ValueError`` naming the option unless ``value`` is > 0 (>= 0 with ``zero_ok``; NaN fails)."""
-    if not (value >= 0 if zero_ok else value > 0):
-        raise ValueError(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {value}")
-
-
 # -------------------------------------------------------------------------------------------------------- the module
 class AlignmentModule(LightningModule):
     """Base LightningModule: owns the policy, an optional frozen reference, optimizer and scheduler.

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from src.losses import cpo_loss, masked_sum, nll_loss
-from src.modules.base import AlignmentModule, check_positive
+from src.modules import check_positive
+from src.modules.base import AlignmentModule
 
 
 class CPO(AlignmentModule):

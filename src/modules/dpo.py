@@ -40,7 +40,8 @@ from src.losses import (
     wpo_weights,
 )
 from src.models import mix_into_
-from src.modules.base import AlignmentModule, check_positive
+from src.modules import check_positive
+from src.modules.base import AlignmentModule
 
 LossType = Literal[
     "sigmoid",

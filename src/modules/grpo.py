@@ -54,7 +54,7 @@ from src.losses import (
     sequence_kl_penalty,
 )
 from src.models import mix_into_
-from src.modules.base import check_positive
+from src.modules import check_positive
 from src.modules.online import OnlineModule
 from src.rollout import SamplingConfig
 

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from src.losses import kto_loss, masked_mean, masked_sum
-from src.modules.base import AlignmentModule, check_positive
+from src.modules import check_positive
+from src.modules.base import AlignmentModule
 
 
 class KTO(AlignmentModule):

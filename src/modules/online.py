@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from src.modules.base import AlignmentModule, check_positive
+from src.modules import check_positive
+from src.modules.base import AlignmentModule
 from src.rewards import RewardScorer
 from src.rollout import Rollout, SamplingConfig, generate
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from src.losses import masked_mean, nll_loss, orpo_loss
-from src.modules.base import AlignmentModule, check_positive
+from src.modules import check_positive
+from src.modules.base import AlignmentModule
 
 
 class ORPO(AlignmentModule):

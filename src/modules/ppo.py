@@ -70,7 +70,7 @@ from src.losses import (
     rloo_advantages,
 )
 from src.models import disable_dropout
-from src.modules.base import check_positive
+from src.modules import check_positive
 from src.modules.online import OnlineModule
 from src.modules.reward import SEQUENCE_CLASSIFIER, load_reward_model, score_head, sequence_scores
 from src.rollout import SamplingConfig
