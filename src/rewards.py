@@ -285,12 +285,20 @@ class RewardModelScorer:
     ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from src.models import not_found_hint
+
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if not Path(str(path)).exists() and str(path).startswith(("/", ".", "~")):
+            raise FileNotFoundError(f"reward model {str(path)!r} does not exist")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForSequenceClassification.from_pretrained(path)
+        except OSError as e:
+            raise FileNotFoundError(f"reward model {str(path)!r}: {not_found_hint()}") from e
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
+        self.model = model.to(self.device).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward model {str(path)!r} must have num_labels=1, has {self.model.config.num_labels}")
         if self.model.config.pad_token_id is None:

@@ -315,3 +315,12 @@ def test_reward_model_scorer_from_class_path(reward_model_dir):
     total, metrics = scorer(["p", "q"], [" 1", " x"])
     assert total.shape == (2,) and torch.isfinite(total).all()
     assert f"rewards/{reward_model_dir.name}/mean" in metrics
+
+
+def test_reward_model_scorer_with_a_missing_path_is_one_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"^reward model '/no/such/rm' does not exist$"):
+        RewardModelScorer("/no/such/rm", device="cpu")
+    monkeypatch.chdir(tmp_path)  # a relative name that is no directory here: the local HF cache is tried, offline
+    with pytest.raises(FileNotFoundError, match=r"^reward model 'runs/rm/hf': not a local directory") as e:
+        RewardModelScorer("runs/rm/hf", device="cpu")
+    assert "\n" not in str(e.value)
