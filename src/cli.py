@@ -33,6 +33,7 @@ from src.callbacks import FitSummary, HFExport, LogProbMetrics, TokenThroughput 
 from src.callbacks.checkpoint_io import check_checkpoint  # noqa: E402
 from src.data import AlignmentDataModule  # noqa: E402
 from src.evaluate import Evaluation  # noqa: E402
+from src.models import check_model_path  # noqa: E402
 from src.modules.base import AlignmentModule  # noqa: E402
 from src.plot import PlotCurves  # noqa: E402
 
@@ -224,6 +225,12 @@ class AlignCLI(LightningCLI):
         if ckpt not in (None, "last", "best", "hpc", "registry"):
             check_checkpoint(ckpt)
             check_same_job(ckpt, self.config[sub].get("model"))
+        init = ((self.config[sub] if sub else self.config).get("model") or {}).get("init_args") or {}
+        try:  # models loaded only when the fit starts (reference, reward model, teacher): a missing one fails now
+            for key in ("ref_model_name_or_path", "reward_model_path", "teacher_model_name_or_path"):
+                check_model_path(f"model.init_args.{key}", init.get(key))
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e}") from None
 
     def before_fit(self) -> None:
         """A ``data.batch_size`` the model's options cannot split (GRPO's ``steps_per_generation``, PPO's

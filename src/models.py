@@ -49,6 +49,25 @@ def load_causal_lm(
         raise FileNotFoundError(f"model {name_or_path!r}: {not_found_hint()}") from e
 
 
+def check_model_path(option: str, name: str | None) -> None:
+    """A ``FileNotFoundError`` naming ``option`` when ``name`` is neither ``"tiny"``, a local path nor (offline) in the
+    local HF cache, so a missing reference / reward / teacher model fails at start, not at the first step."""
+    import os
+
+    if name is None or name == tiny.TINY or Path(name).exists():
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "false", "False", ""):
+        return  # the hub may provide it
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - not a valid repo id: not cached
+        cached = False
+    if not cached:
+        raise FileNotFoundError(f"{option}: {name!r}: {not_found_hint()}")
+
+
 def not_found_hint() -> str:
     """Why a name that is not a local path failed to load, and the one switch that lets the hub download it."""
     import os

@@ -202,3 +202,19 @@ def test_progress_bar_total_matches_max_steps(run_cli):
     cli = run_cli(["fit", "--config", "ppo.yaml", *FAST, "--trainer.max_steps=9", "--trainer.enable_progress_bar=true"])
     bar = cli.trainer.progress_bar_callback
     assert type(bar).__name__ == "StepsProgressBar" and bar.train_progress_bar.total == 3
+
+
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        ("ppo.yaml", "reward_model_path"),
+        ("dpo.yaml", "ref_model_name_or_path"),
+        ("distill.yaml", "teacher_model_name_or_path"),
+    ],
+)
+def test_a_missing_model_loaded_at_fit_start_fails_before_it_in_one_line(run_cli, config, key):
+    """The reference, reward and teacher models load when the fit starts: a missing one is refused at parse time."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(["fit", "--config", config, *FAST, f"--model.init_args.{key}=runs/nope/hf"])
+    assert str(e.value).startswith(f"error: model.init_args.{key}: 'runs/nope/hf': not a local directory")
+    assert "\n" not in str(e.value)
