@@ -377,7 +377,10 @@ class ResumableSampler(DistributedSampler):
         return iter(order[self.rank :: self.num_replicas])
 
     def __len__(self) -> int:
-        return -(-(len(self.dataset) - self.start) // self.num_replicas)
+        """A whole epoch's rows per rank, even when this one starts part-way: Lightning sizes every epoch by the
+        loader's first length and counts a resumed epoch's batches from where the checkpoint was, so a remaining-rows
+        length would cut every later epoch short (issue 17)."""
+        return -(-len(self.dataset) // self.num_replicas)
 
 
 # -------------------------------------------------------------------------------------------------------- datamodule
