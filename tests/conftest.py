@@ -60,6 +60,17 @@ def run_cli(tmp_path, monkeypatch, request):
     os.environ.update(env)
 
 
+LAUNCHER_VARS = ("PL_", "MASTER_", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC")
+
+
+def fresh_env(**extra: str) -> dict[str, str]:
+    """This process's environment without Lightning's and torchrun's launcher variables (a subprocess must start as a
+    fresh single process, not as a rank of an earlier in-process DDP run), with the repository on ``PYTHONPATH``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARS)}
+    env.update(PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
 def read_metrics(log_dir: str | Path) -> list[dict[str, str]]:
     with open(Path(log_dir) / "metrics.csv") as f:
         return list(csv.DictReader(f))

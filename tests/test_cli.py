@@ -4,7 +4,6 @@ the step-1 row and a progress bar whose total matches ``max_steps``."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FAST, ROOT, read_metrics
+from tests.conftest import FAST, fresh_env, read_metrics
 
 # The job configs' own ModelCheckpoint (runs/<job>/checkpoints, step=N.ckpt + last.ckpt), saving every 3 steps.
 EVERY_3 = ["--trainer.callbacks.every_n_train_steps=3", "--trainer.limit_val_batches=0", "--data.shuffle=false"]
@@ -20,8 +19,7 @@ EVERY_3 = ["--trainer.callbacks.every_n_train_steps=3", "--trainer.limit_val_bat
 
 def python_m_src(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """``python -m src ARGS`` in a fresh process (nothing of this test process imported)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "MASTER_", "LOCAL_RANK", "RANK"))}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = fresh_env(OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "src", *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 

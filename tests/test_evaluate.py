@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from math import comb
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from src.evaluate import mean_pass_at_k, pass_at_k, win_rate
-from tests.conftest import CONFIGS, FAST, ROOT
+from tests.conftest import CONFIGS, FAST, fresh_env
 
 
 @pytest.mark.parametrize("n,c,k", [(10, 3, 1), (10, 3, 5), (10, 0, 3), (5, 5, 2), (20, 7, 8), (4, 1, 4), (3, 1, 3)])
@@ -129,8 +128,7 @@ def test_test_reports_accuracy_and_pass_at_k_of_an_answer_checked_reward():
 
 def test_predict_under_two_process_ddp_writes_each_prompt_once(tmp_path):
     prompts = write_prompts(tmp_path / "heldout.jsonl", [{"prompt": f"pemo {i}"} for i in range(7)])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "MASTER_", "LOCAL_RANK", "RANK"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = fresh_env(OMP_NUM_THREADS="1")
     args = [
         "predict",
         "--config",

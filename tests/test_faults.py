@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from src.callbacks.checkpoint_io import check_checkpoint
-from tests.conftest import CONFIGS, ROOT
+from tests.conftest import CONFIGS, fresh_env
 
 # The job configs' own ModelCheckpoint (runs/<job>/checkpoints: step=N.ckpt, then last.ckpt) every 2 steps; metrics
 # flushed every step so a killed run's losses are on disk up to the kill.
@@ -36,9 +36,7 @@ EVERY_2 = [
 
 def start(args: list[str], cwd: Path, log: str) -> subprocess.Popen:
     """``python -m src ARGS`` in a fresh process; stdout and stderr go to ``cwd/LOG`` (a pipe could fill and block)."""
-    launcher = ("PL_", "MASTER_", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher)}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = fresh_env(OMP_NUM_THREADS="1")
     with open(cwd / log, "w") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "src", *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT

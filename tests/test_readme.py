@@ -9,7 +9,6 @@ a new kind fails ``test_every_readme_command_is_known``.
 from __future__ import annotations
 
 import csv
-import os
 import re
 import shlex
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fresh_env
 
 NOT_RUN = {
     "pip": "the environment is installed by .ci/run",
@@ -51,8 +50,7 @@ def run(command: str, needs: str | None, cwd: Path) -> subprocess.CompletedProce
     assert args[:3] == ["python", "-m", "src"], command
     if needs is not None:
         args.append("--print_config")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "MASTER_", "LOCAL_RANK", "RANK"))}
-    env["PYTHONPATH"] = str(ROOT)
+    env = fresh_env()
     return subprocess.run([sys.executable, *args[1:]], cwd=cwd, env=env, capture_output=True, text=True)
 
 

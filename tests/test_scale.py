@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 import yaml
 
 from src.data.tiny import generate_rows
-from tests.conftest import CONFIGS, FAST, ROOT, SMALL_LLAMA, column
+from tests.conftest import CONFIGS, FAST, SMALL_LLAMA, column, fresh_env
 
 SAVE_LAST = [
     "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
@@ -33,9 +32,7 @@ SAVE_LAST = [
 
 
 def run_subprocess(args: list[str], cwd: Path) -> None:
-    launcher = {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"}
-    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith(("PL_", "TORCHELASTIC"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = fresh_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "src", *args], cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
