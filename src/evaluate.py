@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from src.logprobs import completion_logps, unwrap
+from src.logprobs import completion_logps, has_lm_head
 from src.losses import masked_sum
 from src.rewards import RewardScorer
 from src.rollout import SamplingConfig, generate
@@ -145,8 +145,7 @@ class Evaluation(BasePredictionWriter):
 
     def prepare(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Check that the model generates; resolve the reward functions and the reference."""
-        inner = unwrap(pl_module.model)
-        if getattr(inner, "get_output_embeddings", lambda: None)() is None:
+        if not has_lm_head(pl_module.model):
             raise ValueError(f"{type(pl_module).__name__} has no language-model head: {stage} generates completions")
         if getattr(pl_module, "tokenizer", None) is None:
             pl_module.tokenizer = trainer.datamodule.tokenizer

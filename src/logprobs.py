@@ -31,6 +31,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def has_lm_head(model: nn.Module) -> bool:
+    """Whether the model generates (a causal LM head), unlike a sequence classifier (a reward model)."""
+    return getattr(unwrap(model), "get_output_embeddings", lambda: None)() is not None
+
+
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """Positions that follow the attention mask, so left- and right-padded rows score the same."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -21,10 +21,12 @@ def load_causal_lm(
     torch_dtype: str | None = None,
     attn_implementation: str | None = None,
     auto_class: str = "AutoModelForCausalLM",
+    what: str = "model",
     **kwargs: Any,
 ) -> nn.Module:
     """``"tiny"`` builds the embedded tiny Llama from config (``model_config`` overrides its fields); anything else is
-    loaded with ``from_pretrained`` from a local directory (or the local HF cache; nothing is downloaded)."""
+    loaded with ``from_pretrained`` from a local directory (or the local HF cache; nothing is downloaded). A missing
+    one is a one-line ``FileNotFoundError`` that calls it ``what`` (e.g. ``"reward model"``)."""
     import transformers
 
     if name_or_path == tiny.TINY:
@@ -36,8 +38,8 @@ def load_causal_lm(
         return tiny.build_model(model_config, attn_implementation)
     if not Path(name_or_path).exists():
         if name_or_path.startswith(("/", ".", "~")):
-            raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
-        log.info("model %s is not a local path; trying the local Hugging Face cache", name_or_path)
+            raise FileNotFoundError(f"{what} path {name_or_path!r} does not exist")
+        log.info("%s %s is not a local path; trying the local Hugging Face cache", what, name_or_path)
     extra: dict[str, Any] = dict(kwargs)
     if torch_dtype is not None:
         extra["dtype"] = getattr(torch, torch_dtype) if torch_dtype != "auto" else "auto"
@@ -46,18 +48,14 @@ def load_causal_lm(
     try:
         return getattr(transformers, auto_class).from_pretrained(name_or_path, **extra)
     except OSError as e:
-        raise FileNotFoundError(f"model {name_or_path!r}: {not_found_hint()}") from e
+        raise FileNotFoundError(f"{what} {name_or_path!r}: {not_found_hint()}") from e
 
 
 def check_model_path(option: str, name: str | None) -> None:
     """A ``FileNotFoundError`` naming ``option`` when ``name`` is neither ``"tiny"``, a local path nor (offline) in the
     local HF cache, so a missing reference / reward / teacher model fails at start, not at the first step."""
-    import os
-
-    if name is None or name == tiny.TINY or Path(name).exists():
-        return
-    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "false", "False", ""):
-        return  # the hub may provide it
+    if name is None or name == tiny.TINY or Path(name).exists() or not hub_offline():
+        return  # online, the hub may provide it
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -68,11 +66,16 @@ def check_model_path(option: str, name: str | None) -> None:
         raise FileNotFoundError(f"{option}: {name!r}: {not_found_hint()}")
 
 
-def not_found_hint() -> str:
-    """Why a name that is not a local path failed to load, and the one switch that lets the hub download it."""
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is set (the CLI sets it unless the user did: nothing is downloaded)."""
     import os
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "False", ""):
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "False", "")
+
+
+def not_found_hint() -> str:
+    """Why a name that is not a local path failed to load, and the one switch that lets the hub download it."""
+    if hub_offline():
         return "not a local directory and not in the HF cache; runs are offline by default: HF_HUB_OFFLINE=0 downloads"
     return "not a local directory, not in the HF cache, and the Hugging Face hub could not provide it"
 

@@ -283,18 +283,13 @@ class RewardModelScorer:
         template: str = "{prompt}{completion}",
         max_length: int | None = None,
     ):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        from src.models import not_found_hint
+        from src.models import load_causal_lm
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if not Path(str(path)).exists() and str(path).startswith(("/", ".", "~")):
-            raise FileNotFoundError(f"reward model {str(path)!r} does not exist")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForSequenceClassification.from_pretrained(path)
-        except OSError as e:
-            raise FileNotFoundError(f"reward model {str(path)!r}: {not_found_hint()}") from e
+        model = load_causal_lm(str(path), auto_class="AutoModelForSequenceClassification", what="reward model")
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

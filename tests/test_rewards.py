@@ -318,7 +318,7 @@ def test_reward_model_scorer_from_class_path(reward_model_dir):
 
 
 def test_reward_model_scorer_with_a_missing_path_is_one_clear_error(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match=r"^reward model '/no/such/rm' does not exist$"):
+    with pytest.raises(FileNotFoundError, match=r"^reward model path '/no/such/rm' does not exist$"):
         RewardModelScorer("/no/such/rm", device="cpu")
     monkeypatch.chdir(tmp_path)  # a relative name that is no directory here: the local HF cache is tried, offline
     with pytest.raises(FileNotFoundError, match=r"^reward model 'runs/rm/hf': not a local directory") as e:

@@ -207,12 +207,12 @@ def greedy_sample(trainer: Trainer, pl_module: LightningModule, like: dict[str, 
     """The greedy completion of the first held-out prompt (the first training prompt without a validation set) by
     the policy as it is now; ``None`` for a model without an LM head (a reward model) or without a DataModule. Every
     rank generates (sharded models need all ranks in a forward); rank zero prints."""
-    from src.logprobs import unwrap
+    from src.logprobs import has_lm_head
     from src.rollout import SamplingConfig, generate
 
     dm, model = trainer.datamodule, getattr(pl_module, "model", None)
     tok = getattr(dm, "tokenizer", None)
-    if model is None or tok is None or getattr(unwrap(model), "get_output_embeddings", lambda: None)() is None:
+    if model is None or tok is None or not has_lm_head(model):
         return None
     if like is None:
         sets = [("held-out", getattr(dm, "val_set", None)), ("training", getattr(dm, "train_set", None))]

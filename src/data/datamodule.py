@@ -99,6 +99,15 @@ def _short(value: Any, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
+def readable(row: Any, where: str) -> dict[str, Any]:
+    """The row, if it is an object; a :class:`DataError` for a :class:`BadRow` (unreadable line) or any other value."""
+    if isinstance(row, BadRow):
+        raise DataError(row.message)
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
+    return row
+
+
 def load_tokenizer(name_or_path: str):
     """The embedded tiny tokenizer for ``"tiny"``, else ``AutoTokenizer.from_pretrained`` (local dirs, no download)."""
     if name_or_path == tiny.TINY:
@@ -487,11 +496,7 @@ class AlignmentDataModule(LightningDataModule):
             for i, row in unpair_rows(numbered) if kind == "unpaired" else numbered:
                 where = f"{src}: row {i}"
                 try:
-                    if isinstance(row, BadRow):
-                        raise DataError(row.message)
-                    if not isinstance(row, dict):
-                        raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
-                    row = normalise_row(row, kind, where)
+                    row = normalise_row(readable(row, where), kind, where)
                     if bad.count and not skip:
                         continue
                     tokenized = tokenize.row(row, kind, where, len(out))
@@ -592,11 +597,8 @@ class AlignmentDataModule(LightningDataModule):
             for i, row in enumerate(part, 1):
                 where = f"{src}: row {i}"
                 try:
-                    if isinstance(row, BadRow):
-                        raise DataError(row.message)
-                    if not isinstance(row, dict):
-                        raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
-                    rows.append(tok.row(normalise_row(dict(row), "prompt", where), "prompt", where, len(rows)))
+                    row = normalise_row(dict(readable(row, where)), "prompt", where)
+                    rows.append(tok.row(row, "prompt", where, len(rows)))
                 except DataError as e:
                     bad.add(str(e))
         bad.check(h.skip_bad_rows)
