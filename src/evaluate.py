@@ -250,8 +250,9 @@ class Evaluation(BasePredictionWriter):
         """``eval.reference_path``'s model, else the module's frozen reference, the LoRA base, or ``None``."""
         if self._reference is not None:
             return self._reference.to(module.device)
-        if getattr(module, "_ref", None) is not None:
-            return module.ref_model
+        ref = getattr(module, "ref_model", None)
+        if ref is not None:
+            return ref
         return module.model if hasattr(module.model, "disable_adapter") else None
 
     # -- predict: write ---------------------------------------------------------------------------------------------

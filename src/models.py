@@ -92,3 +92,31 @@ def mix_into_(target: nn.Module, source: nn.Module, alpha: float) -> None:
     TRL's ``SyncRefModelCallback``). The source is cast to each target parameter's dtype."""
     for p_t, p in zip(target.parameters(), source.parameters(), strict=True):
         p_t.lerp_(p.detach().to(p_t.dtype), alpha)
+
+
+class ReferenceSync:
+    """TR-DPO's reference update (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment"; TRL's
+    ``SyncRefModelCallback``): after every ``every``-th optimizer step, ``θ_ref ← α·θ + (1 − α)·θ_ref``.
+
+    Call it as often as convenient (every micro-batch, after every optimizer step): it acts once per optimizer step
+    count, so gradient accumulation does not repeat an update. :meth:`save` / :meth:`load` keep the reference weights
+    and the step of the last update in the checkpoint, so a resumed run neither misses nor repeats one. ``every = 0``
+    is off."""
+
+    def __init__(self, every: int, alpha: float) -> None:
+        self.every, self.alpha, self.synced_step = every, alpha, 0
+
+    def __call__(self, ref: nn.Module | None, policy: nn.Module, step: int) -> None:
+        if self.every and ref is not None and step and not step % self.every and step != self.synced_step:
+            mix_into_(ref, policy, self.alpha)
+            self.synced_step = step
+
+    def save(self, checkpoint: dict, ref: nn.Module | None) -> None:
+        if self.every and ref is not None:
+            checkpoint["ref_model_state_dict"] = ref.state_dict()
+            checkpoint["ref_model_synced_step"] = self.synced_step
+
+    def load(self, checkpoint: dict, ref: nn.Module | None) -> None:
+        if "ref_model_state_dict" in checkpoint and ref is not None:
+            ref.load_state_dict(checkpoint["ref_model_state_dict"])
+            self.synced_step = checkpoint.get("ref_model_synced_step", 0)

@@ -329,7 +329,7 @@ def test_precomputed_reference_matches_live_reference(loss_type, ld_alpha):
         for p in module.model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     live = module.compute_loss(next(iter(dm.train_dataloader())))[0]
-    module._precompute(dm)
+    dm.add_columns(("ref_chosen_logps", "ref_rejected_logps"), module.reference_sequence_logps)
     batch = next(iter(dm.train_dataloader()))
     assert "ref_chosen_logps" in batch
     module.set_reference(None)  # from now on only the precomputed columns can give the reference

@@ -266,11 +266,11 @@ def test_reference_sync_once_per_optimizer_step(prompt_batch):
     opt = SteppingSGD(m.model.parameters(), lr=0.5)
     original = m.sync_reference
 
-    def record():
-        before = [p.detach().clone() for p in m.ref_model.parameters()]
-        policy = [p.detach().clone() for p in m.model.parameters()]
-        original()
-        seen.append((m.global_step, before, policy))
+    def record(ref, policy_model, step):
+        before = [p.detach().clone() for p in ref.parameters()]
+        policy = [p.detach().clone() for p in policy_model.parameters()]
+        original(ref, policy_model, step)
+        seen.append((step, before, policy))
 
     m.sync_reference = record
     drive(m, opt).training_step(batch, 0)
@@ -280,4 +280,4 @@ def test_reference_sync_once_per_optimizer_step(prompt_batch):
         for b, p, a in zip(before, policy, after):
             expected = 0.25 * p + 0.75 * b if step % 2 == 0 else b
             torch.testing.assert_close(a, expected)
-    assert m._synced_step == 4
+    assert original.synced_step == 4

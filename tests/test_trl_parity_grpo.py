@@ -55,6 +55,7 @@ from src.losses import (  # noqa: E402
     sequence_kl_penalty,
     vespo_weights,
 )
+from src.models import ReferenceSync  # noqa: E402
 from src.modules.grpo import GRPO, check_options  # noqa: E402
 from src.rewards import RewardScorer  # noqa: E402
 
@@ -406,9 +407,11 @@ def ours(data: dict, case: dict, micro_batches: int = 1, off_policy: bool = True
         last_entropy=math.inf,
         entropy_bonus=h.entropy_coef != 0.0 or h.use_adaptive_entropy,
         global_step=0,
-        _synced_step=0,
+        sync_reference=ReferenceSync(0, 0.6),
+        ref_model=None,
+        model=None,
     )
-    for name in ("advantages", "_optimizer_step", "_world", "_global_sum", "_gather_pool", "sync_reference"):
+    for name in ("advantages", "_optimizer_step", "_world", "_global_sum", "_gather_pool"):
         setattr(m, name, types.MethodType(getattr(GRPO, name), m))
     m._chunks = GRPO._chunks
     m.attached_trainer = lambda: None

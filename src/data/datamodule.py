@@ -23,12 +23,14 @@ import os
 import random
 import reprlib
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from lightning import LightningDataModule
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from src.data import tiny
@@ -606,6 +608,23 @@ class AlignmentDataModule(LightningDataModule):
         return DataLoader(
             RowDataset(rows), batch_size=loader_bs, collate_fn=PromptCollator(self.tokenizer.pad_token_id)
         )
+
+    @torch.no_grad()
+    def add_columns(self, names: tuple[str, ...], score: Callable[[dict[str, Any]], tuple[Tensor, ...]]) -> None:
+        """Score every train and validation row once, in batches of ``data.batch_size`` (``score(batch)`` returns one
+        ``[B]`` tensor per name), and keep the values as columns that the collator passes on (DPO's
+        ``precompute_ref_logps``). Sets that already have the columns are left as they are; the run's RNG stream is
+        kept (iterating a DataLoader draws a seed)."""
+        with torch.random.fork_rng(devices=[]):
+            for ds in (self.train_set, self.val_set):
+                if ds is None or names[0] in ds[0]:
+                    continue
+                values: list[list[float]] = [[] for _ in names]
+                for batch in DataLoader(ds, batch_size=self.hparams.batch_size, collate_fn=self.collator()):
+                    for column, v in zip(values, score(batch)):
+                        column += v.tolist()
+                for name, column in zip(names, values):
+                    ds.add_column(name, column)
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: the data position (epoch and rows consumed, all ranks) for exact resume."""

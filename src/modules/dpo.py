@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
 from src.logprobs import completion_logits, logps_from_logits, scatter_tokens
@@ -39,28 +38,14 @@ from src.losses import (
     simpo_loss,
     wpo_weights,
 )
-from src.models import mix_into_
+from src.models import ReferenceSync
 from src.modules import check_positive
 from src.modules.base import AlignmentModule
 
 LossType = Literal[
-    "sigmoid",
-    "robust",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "apo_zero",
-    "apo_down",
-    "sppo_hard",
-    "bco_pair",
-    "aot",
-    "aot_unpaired",
-    "discopop",
-    "sigmoid_norm",
-    "sft",
-    "simpo",
-]
+    "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "apo_zero", "apo_down", "sppo_hard", "bco_pair",
+    "aot", "aot_unpaired", "discopop", "sigmoid_norm", "sft", "simpo",
+]  # fmt: skip
 FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 
 
@@ -116,25 +101,15 @@ class DPO(AlignmentModule):
     ) -> None:
         super().__init__(*args, **kwargs)
         check_positive("beta", beta)
+        self.save_hyperparameters()
         self.loss_terms = loss_terms(loss_type, loss_weights, rpo_alpha)
         types = [t for t, _ in self.loss_terms]
-        check_options(
-            types,
-            label_smoothing=label_smoothing,
-            f_divergence_type=f_divergence_type,
-            discopop_tau=discopop_tau,
-            ld_alpha=ld_alpha,
-            use_weighting=use_weighting,
-            precompute_ref_logps=precompute_ref_logps,
-            ref_model_sync_steps=ref_model_sync_steps,
-            lora=self.hparams.lora,
-        )
+        check_options(types, self.hparams)
         self.reference_free = all(t == "simpo" for t in types)
         self.needs_reference = not self.reference_free
         # the term the rewards/logps metrics describe: the first one that is not the NLL
         self.metric_loss_type = next((t for t in types if t != "sft"), "sigmoid")
-        self.save_hyperparameters()
-        self._synced_step = 0  # TR-DPO: the global step of the last reference update
+        self.sync_reference = ReferenceSync(ref_model_sync_steps, ref_model_mixup_alpha)  # TR-DPO (checkpointed)
 
     # -- log-probs: one concatenated forward of the B chosen and B rejected completions ---------------------------
     def policy_token_logps(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
@@ -233,63 +208,28 @@ class DPO(AlignmentModule):
     # -- Lightning hooks ------------------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
-        self.sync_reference()
+        self.sync_reference(self.ref_model, self.model, self.global_step)  # acts once per optimizer step
 
     def on_validation_start(self) -> None:
-        if self.trainer.state.fn == "fit":
-            self.sync_reference()  # validation after optimizer step k sees the reference of step k, as in TRL
-
-    @torch.no_grad()
-    def sync_reference(self) -> None:
-        """TR-DPO: once after every ``ref_model_sync_steps``-th optimizer step, ``θ_ref ← α·θ + (1 − α)·θ_ref``.
-
-        Checked before each forward (every micro-batch) but keyed on the optimizer step count, so gradient
-        accumulation does not repeat it; the step of the last update is checkpointed so a resumed run does neither
-        miss nor repeat one (TRL: ``SyncRefModelCallback.on_step_end``, once per optimizer step)."""
-        k, step = self.hparams.ref_model_sync_steps, self.global_step
-        if not k or step == 0 or step % k or step == self._synced_step or self.ref_model is None:
-            return
-        mix_into_(self.ref_model, self.model, self.hparams.ref_model_mixup_alpha)
-        self._synced_step = step
+        if self.trainer.state.fn == "fit":  # validation after optimizer step k sees the reference of step k, as TRL
+            self.sync_reference(self.ref_model, self.model, self.global_step)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.hparams.precompute_ref_logps and not self.reference_free:
-            self.precompute_reference()
-
-    @torch.no_grad()
-    def precompute_reference(self) -> None:
-        """Score every train/val pair once with the reference, store the log-probs on the rows, free the reference."""
-        dm = self.trainer.datamodule
-        with torch.random.fork_rng(devices=[]):  # iterating a DataLoader draws a seed: keep the run's RNG stream
-            self._precompute(dm)
-        self.set_reference(None)
-        self.needs_reference = False
-
-    def _precompute(self, dm) -> None:
-        for ds in (dm.train_set, dm.val_set):
-            if ds is None or "ref_chosen_logps" in ds[0]:
-                continue
-            loader = torch.utils.data.DataLoader(ds, batch_size=dm.hparams.batch_size, collate_fn=dm.collator())
-            chosen, rejected = [], []
-            for batch in loader:
-                chosen_ref, rejected_ref = self.reference_sequence_logps(
-                    self.transfer_batch_to_device(batch, self.device, 0)
-                )
-                chosen += chosen_ref.tolist()
-                rejected += rejected_ref.tolist()
-            ds.add_column("ref_chosen_logps", chosen)
-            ds.add_column("ref_rejected_logps", rejected)
+            # score every train/val pair once with the reference, keep the log-probs on the rows, free the reference
+            self.trainer.datamodule.add_columns(
+                ("ref_chosen_logps", "ref_rejected_logps"),
+                lambda batch: self.reference_sequence_logps(self.transfer_batch_to_device(batch, self.device, 0)),
+            )
+            self.set_reference(None)
+            self.needs_reference = False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.hparams.ref_model_sync_steps and self._ref is not None:
-            checkpoint["ref_model_state_dict"] = self._ref.state_dict()
-            checkpoint["ref_model_synced_step"] = self._synced_step
+        self.sync_reference.save(checkpoint, self._ref)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "ref_model_state_dict" in checkpoint and self._ref is not None:
-            self._ref.load_state_dict(checkpoint["ref_model_state_dict"])
-            self._synced_step = checkpoint.get("ref_model_synced_step", 0)
+        self.sync_reference.load(checkpoint, self._ref)
 
 
 # ---------------------------------------------------------------------------------------------------- the options
@@ -320,55 +260,34 @@ def loss_terms(
     return tuple(zip(types, weights))
 
 
-def check_options(
-    types: list[str],
-    *,
-    label_smoothing: float,
-    f_divergence_type: str,
-    discopop_tau: float,
-    ld_alpha: float | None,
-    use_weighting: bool,
-    precompute_ref_logps: bool,
-    ref_model_sync_steps: int,
-    lora: dict[str, Any] | None,
-) -> None:
+def check_options(types: list[str], h: Any) -> None:
     """Refuse, at construction, the option combinations that have no meaning (each error names both options)."""
-    if "exo_pair" in types and label_smoothing == 0:
-        raise ValueError(
-            "label_smoothing must be > 0 for loss_type='exo_pair' (it is EXO's ε; the paper recommends 1e-3), as in TRL"
-        )
-    if "robust" in types and not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {label_smoothing}")
-    if "discopop" in types and discopop_tau <= 0:
-        raise ValueError(f"discopop_tau must be > 0 for loss_type='discopop', got {discopop_tau}")
-    if f_divergence_type != "reverse_kl":
-        other = [t for t in types if t not in F_DIVERGENCE_LOSS_TYPES]
-        if other:
-            raise ValueError(
-                f"f_divergence_type={f_divergence_type!r} cannot be combined with loss_type {other}: f-DPO is defined "
-                f"only for {list(F_DIVERGENCE_LOSS_TYPES)} (as in TRL)"
-            )
-    if ld_alpha is not None:
-        if not 0.0 <= ld_alpha <= 1.0:
-            raise ValueError(f"ld_alpha must lie in [0, 1] (1 = plain DPO), got {ld_alpha}")
-        if "simpo" in types:
-            raise ValueError("ld_alpha cannot be combined with loss_type='simpo', which normalises by length itself")
-    if use_weighting and {"aot", "aot_unpaired"} & set(types):
-        raise ValueError(
-            "use_weighting cannot be combined with loss_type 'aot' / 'aot_unpaired': they sort the pairs of a batch, "
-            "which misaligns the per-pair WPO weights (TRL refuses this too)"
-        )
-    if ref_model_sync_steps:
-        # TR-DPO moves the reference: there must be one, of its own, whose log-probs are computed live.
-        if precompute_ref_logps:
-            raise ValueError(
-                "precompute_ref_logps=True cannot be combined with ref_model_sync_steps > 0: TR-DPO updates the "
-                "reference during training, so precomputed reference log-probs go stale (TRL refuses this too)"
-            )
-        if lora is not None:
-            raise ValueError(
-                "ref_model_sync_steps > 0 cannot be combined with lora: the LoRA reference is the policy with "
-                "its adapter disabled, so there is no separate reference to update"
-            )
-        if all(t == "simpo" for t in types):
-            raise ValueError("ref_model_sync_steps > 0 cannot be combined with loss_type='simpo' (no reference)")
+    ls, ld, sync = h.label_smoothing, h.ld_alpha, h.ref_model_sync_steps
+    not_f = [t for t in types if t not in F_DIVERGENCE_LOSS_TYPES]
+    rules = [
+        ("exo_pair" in types and ls == 0, "label_smoothing must be > 0 for loss_type='exo_pair' (it is EXO's ε; the "
+         "paper recommends 1e-3), as in TRL"),
+        ("robust" in types and not 0.0 <= ls < 0.5, f"label_smoothing must lie in [0, 0.5) for loss_type='robust', "
+         f"got {ls}"),
+        ("discopop" in types and h.discopop_tau <= 0, f"discopop_tau must be > 0 for loss_type='discopop', got "
+         f"{h.discopop_tau}"),
+        (h.f_divergence_type != "reverse_kl" and not_f, f"f_divergence_type={h.f_divergence_type!r} cannot be "
+         f"combined with loss_type {not_f}: f-DPO is defined only for {list(F_DIVERGENCE_LOSS_TYPES)} (as in TRL)"),
+        (ld is not None and not 0.0 <= ld <= 1.0, f"ld_alpha must lie in [0, 1] (1 = plain DPO), got {ld}"),
+        (ld is not None and "simpo" in types, "ld_alpha cannot be combined with loss_type='simpo', which normalises "
+         "by length itself"),
+        (h.use_weighting and {"aot", "aot_unpaired"} & set(types), "use_weighting cannot be combined with loss_type "
+         "'aot' / 'aot_unpaired': they sort the pairs of a batch, which misaligns the per-pair WPO weights (TRL "
+         "refuses this too)"),
+        # TR-DPO moves the reference: there must be one, of its own, whose log-probs are computed live
+        (sync and h.precompute_ref_logps, "precompute_ref_logps=True cannot be combined with ref_model_sync_steps > "
+         "0: TR-DPO updates the reference during training, so precomputed reference log-probs go stale (TRL refuses "
+         "this too)"),
+        (sync and h.lora is not None, "ref_model_sync_steps > 0 cannot be combined with lora: the LoRA reference is "
+         "the policy with its adapter disabled, so there is no separate reference to update"),
+        (sync and all(t == "simpo" for t in types), "ref_model_sync_steps > 0 cannot be combined with "
+         "loss_type='simpo' (no reference)"),
+    ]  # fmt: skip
+    for broken, message in rules:
+        if broken:
+            raise ValueError(message)

@@ -53,7 +53,7 @@ from src.losses import (
     rloo_loss,
     sequence_kl_penalty,
 )
-from src.models import mix_into_
+from src.models import ReferenceSync
 from src.modules import check_positive
 from src.modules.online import OnlineModule
 from src.rollout import SamplingConfig
@@ -151,7 +151,9 @@ class GRPO(OnlineModule):
         # step of an adaptive run applies no bonus, as TRL's).
         self.entropy_coef = float(entropy_coef)
         self.last_entropy = math.inf
-        self._synced_step = 0  # reference sync: the global step of the last update
+        # TR-DPO's reference update after optimizer steps (checkpointed); a buffer's reference log-probs are those of
+        # its generation round, as in TRL, so an update takes effect from the next round
+        self.sync_reference = ReferenceSync(ref_model_sync_steps if sync_ref_model else 0, ref_model_mixup_alpha)
 
     def check_batch_size(self, batch_size: int) -> None:
         self.split_check(batch_size, "steps_per_generation", self.hparams.steps_per_generation)
@@ -355,7 +357,7 @@ class GRPO(OnlineModule):
         if self.entropy_bonus:  # TRL's names: the loss without the bonus, and the coefficient after this step
             acc["policy_loss"] = policy_total.float()
             acc["entropy_coef"] = torch.tensor(self.entropy_coef)
-        self.sync_reference()
+        self.sync_reference(self.ref_model, self.model, self.global_step)
         return total, acc
 
     # -- distributed helpers, reference sync, checkpoints ---------------------------------------------------------
@@ -382,32 +384,13 @@ class GRPO(OnlineModule):
         dist.all_gather(parts, padded)
         return torch.cat([p[: int(k)] for p, k in zip(parts, sizes)])
 
-    @torch.no_grad()
-    def sync_reference(self) -> None:
-        """Reference sync (TR-DPO, Gorbatovski et al. 2024; TRL's ``sync_ref_model``): after every
-        ``ref_model_sync_steps``-th optimizer step, ``θ_ref ← α·θ + (1 − α)·θ_ref``, once per optimizer step (it runs
-        after ``opt.step()``, never per micro-batch). A buffer's reference log-probs are those of its generation round,
-        as in TRL, so a sync takes effect from the next round."""
-        h = self.hparams
-        step = self.global_step
-        if not h.sync_ref_model or step == 0 or step % h.ref_model_sync_steps or step == self._synced_step:
-            return
-        if self.ref_model is None:
-            return
-        mix_into_(self.ref_model, self.model, h.ref_model_mixup_alpha)
-        self._synced_step = step
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.hparams.sync_ref_model and self._ref is not None:
-            checkpoint["ref_model_state_dict"] = self._ref.state_dict()
-            checkpoint["ref_model_synced_step"] = self._synced_step
+        self.sync_reference.save(checkpoint, self._ref)
         if self.entropy_bonus:
             checkpoint["entropy_control"] = {"entropy_coef": self.entropy_coef, "last_entropy": self.last_entropy}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "ref_model_state_dict" in checkpoint and self._ref is not None:
-            self._ref.load_state_dict(checkpoint["ref_model_state_dict"])
-            self._synced_step = checkpoint.get("ref_model_synced_step", 0)
+        self.sync_reference.load(checkpoint, self._ref)
         state = checkpoint.get("entropy_control")
         if state is not None:
             self.entropy_coef, self.last_entropy = float(state["entropy_coef"]), float(state["last_entropy"])
