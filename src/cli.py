@@ -225,10 +225,14 @@ class AlignCLI(LightningCLI):
         if ckpt not in (None, "last", "best", "hpc", "registry"):
             check_checkpoint(ckpt)
             check_same_job(ckpt, self.config[sub].get("model"))
-        init = ((self.config[sub] if sub else self.config).get("model") or {}).get("init_args") or {}
-        try:  # models loaded only when the fit starts (reference, reward model, teacher): a missing one fails now
+        cfg = self.config[sub] if sub else self.config
+        init = (cfg.get("model") or {}).get("init_args") or {}
+        ev = cfg.get("eval") or {}
+        try:  # models loaded only when the run starts (reference, reward model, teacher): a missing one fails now
             for key in ("ref_model_name_or_path", "reward_model_path", "teacher_model_name_or_path"):
                 check_model_path(f"model.init_args.{key}", init.get(key))
+            for key in ("reward_model_path", "reference_path"):
+                check_model_path(f"eval.{key}", ev.get(key))
         except FileNotFoundError as e:
             raise SystemExit(f"error: {e}") from None
 

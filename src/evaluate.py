@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from src.logprobs import completion_logps, has_lm_head
 from src.losses import masked_sum
-from src.rewards import RewardScorer
+from src.rewards import RewardModelScorer, RewardScorer
 from src.rollout import SamplingConfig, generate
 
 
@@ -78,6 +78,8 @@ class Evaluation(BasePredictionWriter):
     Args:
         num_samples: completions per prompt.
         max_new_tokens / temperature / top_p / top_k: sampling; ``temperature: 0`` is greedy.
+        reward_model_path: a reward model (sequence-classification directory, e.g. ``runs/rm/hf``) that judges the
+            completions, alone or, when ``reward_funcs`` are given, beside them (last in ``reward_weights``).
         reward_funcs / reward_weights: reward functions (import paths, see ``src/rewards.py``); ``None`` = the
             module's own (GRPO, PPO), else none.
         k: the ``k`` of pass@k (those ≤ ``num_samples``; default ``[1, num_samples]``).
@@ -96,6 +98,7 @@ class Evaluation(BasePredictionWriter):
         top_k: int = 0,
         reward_funcs: list[str] | str | None = None,
         reward_weights: list[float] | None = None,
+        reward_model_path: str | None = None,
         k: list[int] | None = None,
         reference_path: str | None = None,
         output: str | None = None,
@@ -114,6 +117,7 @@ class Evaluation(BasePredictionWriter):
         if any(not 1 <= x <= num_samples for x in self.k):
             raise ValueError(f"eval.k: every k must lie in [1, eval.num_samples={num_samples}], got {self.k}")
         self.reward_funcs, self.reward_weights = reward_funcs, reward_weights
+        self.reward_model_path = reward_model_path
         self.reference_path, self.output = reference_path, output
         self.scorer: RewardScorer | None = None
         self._reference: nn.Module | None = None
@@ -150,8 +154,16 @@ class Evaluation(BasePredictionWriter):
         if getattr(pl_module, "tokenizer", None) is None:
             pl_module.tokenizer = trainer.datamodule.tokenizer
         funcs = self.reward_funcs
+        if self.reward_model_path is not None:
+            judge = RewardModelScorer(self.reward_model_path, device=pl_module.device)
+            judge.name = "reward_model"  # test/rewards/reward_model/mean
+            funcs = [judge] if funcs is None else [*([funcs] if isinstance(funcs, str) else funcs), judge]
         if funcs is not None:
-            self.scorer = RewardScorer(funcs, self.reward_weights)
+            n, weights = len([funcs] if isinstance(funcs, str) else funcs), self.reward_weights
+            if weights is not None and len(weights) != n:
+                judges = "eval.reward_funcs" + (" and eval.reward_model_path" if self.reward_model_path else "")
+                raise ValueError(f"eval.reward_weights has {len(weights)} weights for the {n} judges of {judges}")
+            self.scorer = RewardScorer(funcs, weights)
         else:
             self.scorer = getattr(pl_module, "rewards", None)
         if self.reference_path is not None:

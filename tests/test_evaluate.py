@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from math import comb
@@ -155,10 +156,26 @@ def test_bad_predict_input_is_one_clear_error(run_cli, tmp_path):
     run_cli(["fit", "--config", "dpo.yaml", *FAST])
     with pytest.raises(ValueError, match=r"checkpoint of src\.modules\.dpo\.DPO, but this config builds .*GRPO"):
         run_cli(["predict", "--config", "grpo.yaml", "--ckpt_path=runs/dpo/checkpoints/last.ckpt", *EVAL])
-    with pytest.raises((SystemExit, FileNotFoundError), match="reference_path: '.*nope' is not a model directory"):
+    with pytest.raises(SystemExit, match=r"eval\.reference_path: '.*nope': not a local directory"):
         run_cli(["test", "--config", "grpo.yaml", *EVAL, f"--eval.reference_path={tmp_path / 'nope'}"])
     with pytest.raises(ValueError, match="has no language-model head"):
         run_cli(["predict", "--config", "rm.yaml", *EVAL])
+
+
+def test_a_reward_model_judges_the_win_rate(run_cli, tmp_path):
+    """--eval.reward_model_path: a trained reward model (the RM default's export) is the judge. Greedy policy =
+    reference (nothing trained), so every pair ties: win rate exactly 0.5; the model's score is logged by name."""
+    run_cli(["fit", "--config", "rm.yaml", *FAST])
+    judge = ["--eval.reward_model_path=runs/rm/hf", "--eval.reward_funcs=null", "--eval.reward_weights=null"]
+    cli = run_cli(["test", "--config", "dpo.yaml", *EVAL, "--eval.temperature=0", *judge])
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert metrics["test/win_rate"] == 0.5
+    assert [k for k in metrics if k.startswith("test/rewards/")] == ["test/rewards/reward_model/mean"], metrics
+    assert math.isfinite(metrics["test/rewards/reward_model/mean"])
+    with pytest.raises(ValueError, match=r"eval\.reward_weights has 2 weights for the 3 judges"):  # dpo.yaml's 2 + RM
+        run_cli(["test", "--config", "dpo.yaml", *EVAL, "--eval.reward_model_path=runs/rm/hf"])
+    with pytest.raises(SystemExit, match=r"eval\.reward_model_path: '.*no_rm'"):
+        run_cli(["test", "--config", "dpo.yaml", *EVAL, f"--eval.reward_model_path={tmp_path / 'no_rm'}"])
 
 
 def test_evaluation_during_fit_logs_eval_metrics_every_n_steps(run_cli):
