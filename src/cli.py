@@ -127,6 +127,20 @@ def own_error(error: BaseException) -> BaseException | None:
     return found
 
 
+def union_member_error(error: BaseException) -> str | None:
+    """For a value of a Union type (e.g. a ``reward_funcs`` entry given as ``class_path``): the one member's error that
+    is not a type mismatch, such as the constructor's ``reward model path '/x' does not exist``. jsonargparse writes
+    the members' errors into its own message and drops their exceptions, so ``own_error`` cannot find them."""
+    noise = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Expected a", "Not a valid", "Type ")
+    while error is not None:
+        text = str(error)
+        if text.startswith("Does not validate against any of the Union subtypes"):
+            lines = [line.strip().lstrip("-").strip() for line in text.splitlines()]
+            return next((line for line in lines if line and not line.startswith(noise)), None)
+        error = error.__cause__ or error.__context__
+    return None
+
+
 class StepsProgressBar(TQDMProgressBar):
     """TQDM whose epoch total is the batches ``max_steps`` leaves: GRPO/PPO make several optimizer steps per batch
     (PPO: ``ppo_epochs × num_mini_batches``), so the dataloader's length overstates the run. Measured on the first
@@ -199,7 +213,7 @@ class AlignCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except Exception as e:  # noqa: BLE001 - re-raised unless it is one of ours
-            if (ours := own_error(e)) is None:
+            if (ours := own_error(e) or union_member_error(e)) is None:
                 raise
             raise SystemExit(f"error: {ours}") from None
 

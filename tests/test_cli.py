@@ -216,3 +216,11 @@ def test_a_missing_model_loaded_at_fit_start_fails_before_it_in_one_line(run_cli
         run_cli(["fit", "--config", config, *FAST, f"--model.init_args.{key}=runs/nope/hf"])
     assert str(e.value).startswith(f"error: model.init_args.{key}: 'runs/nope/hf': not a local directory")
     assert "\n" not in str(e.value)
+
+
+def test_a_missing_reward_model_given_as_a_class_path_is_one_line(run_cli):
+    """A reward given as ``class_path`` whose constructor fails: its own error, not jsonargparse's Union dump."""
+    bad = "[{class_path: src.rewards.RewardModelScorer, init_args: {path: /no/such/rm}}]"
+    with pytest.raises(SystemExit) as e:
+        run_cli(["fit", "--config", "grpo.yaml", *FAST, f"--model.init_args.reward_funcs={bad}"])
+    assert str(e.value) == "error: reward model path '/no/such/rm' does not exist"
