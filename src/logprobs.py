@@ -80,11 +80,14 @@ def head_is_last(inner: nn.Module) -> bool:
 
 def linear_head(model: nn.Module) -> nn.Linear | None:
     """The LM head when log-probs can skip its ``[N, V]`` logits: a plain ``nn.Linear`` (tied embeddings included)
-    whose weight is an ordinary tensor and that no hook or later scaling changes. ``None`` for a LoRA-wrapped or
-    quantized head, an FSDP2 (DTensor) or ZeRO-3 shard, soft-capped or scaled logits."""
+    whose weight is an ordinary tensor and that no hook, replaced ``forward`` or later scaling changes. ``None`` for a
+    LoRA-wrapped or quantized head, an FSDP2 (DTensor) or ZeRO-3 shard, an accelerate-offloaded head, soft-capped or
+    scaled logits."""
     inner = unwrap(model)
     head = getattr(inner, "get_output_embeddings", lambda: None)()
-    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks or not head_is_last(inner):
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks or "forward" in vars(head):
+        return None
+    if not head_is_last(inner):
         return None
     return head if type(head.weight.data) is Tensor and not hasattr(head.weight, "ds_id") else None
 

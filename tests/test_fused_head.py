@@ -198,6 +198,9 @@ def test_heads_that_are_more_than_a_linear_layer_keep_the_logits_path():
     hooked = small()
     hooked.lm_head.register_forward_hook(lambda m, i, o: o * 2)
     assert linear_head(hooked) is None
+    patched = small()  # accelerate's offload hooks replace the module's forward
+    patched.lm_head.forward = lambda x: F.linear(x, patched.lm_head.weight) * 2
+    assert linear_head(patched) is None
     # a LoRA-wrapped head scores through its logits: the adapter's term counts, as in the model's own forward
     lora_head.base_model.model.lm_head.lora_B["default"].weight.data.normal_()
     ids, attn, comp = _rows(64)
