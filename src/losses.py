@@ -103,75 +103,104 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
-def _row_chunks(x: Tensor) -> list[tuple[int, int]]:
-    """Slices ``[start, stop)`` along dim 0 so that each slice holds at most ``_CHUNK_ELEMENTS`` elements."""
+def _row_chunks(x: Tensor, per_row: int | None = None) -> list[tuple[int, int]]:
+    """Slices ``[start, stop)`` along dim 0 so that each slice holds at most ``_CHUNK_ELEMENTS`` elements (of
+    ``per_row`` each; by default the size of a row of ``x``)."""
     n = x.shape[0]
-    per_row = max(1, x[0].numel()) if n else 1
+    per_row = per_row or (max(1, x[0].numel()) if n else 1)
     step = max(1, _CHUNK_ELEMENTS // per_row)
     return [(s, min(s + step, n)) for s in range(0, n, step)]
 
 
 class _TokenLogps(torch.autograd.Function):
-    """log softmax(logits / temperature)[label], chunked over dim 0 in forward and backward.
+    """log softmax(z / temperature)[label], chunked over dim 0 in forward and backward; ``z`` is ``x`` (logits), or
+    with ``weight`` the LM head's logits ``x @ weight.T + bias`` of the states ``x``, computed one chunk at a time.
 
-    Only ``logits`` (already alive in the graph) and ``labels`` are saved, so no ``[..., V]`` copy is kept for
-    backward; the ``[..., V]`` scratch space (log-softmax in forward, softmax in backward) is one chunk at a time.
+    Only the inputs and ``labels`` are saved, so no ``[..., V]`` copy is kept for backward; the ``[..., V]`` scratch
+    space (log-softmax in forward, softmax in backward) is one chunk at a time. The fused head (``weight``) recomputes
+    each chunk's logits in backward, except when one chunk holds every row: its logits are kept from forward (no
+    recompute, as the plain path keeps the logits).
     """
 
     @staticmethod
+    def _z(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, s: int, e: int) -> Tensor:
+        """Rows ``s:e`` of ``z / temperature`` in the compute dtype (float32 for fp16/bf16)."""
+        z = x[s:e] if weight is None else F.linear(x[s:e], weight, bias)  # the head's own matmul (autocast's dtype)
+        ctx.mm_dtype = z.dtype
+        z = z.to(_compute_dtype(z.dtype))
+        return z / ctx.temperature if ctx.temperature != 1.0 else z
+
+    @staticmethod
     def forward(  # type: ignore[override]
-        ctx, logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool, entropy_grad: bool = False
+        ctx,
+        x: Tensor,
+        labels: Tensor,
+        temperature: float,
+        with_entropy: bool,
+        entropy_grad: bool = False,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        dtype = _compute_dtype(logits.dtype)
-        out = torch.empty(labels.shape, dtype=dtype, device=logits.device)
-        entropy = torch.empty(labels.shape if with_entropy else (0,), dtype=dtype, device=logits.device)
-        for s, e in _row_chunks(logits):
-            x = logits[s:e].to(dtype)
-            if temperature != 1.0:
-                x = x / temperature
+        ctx.temperature, ctx.entropy_grad = temperature, with_entropy and entropy_grad
+        ctx.spans = _row_chunks(x, None if weight is None else weight.shape[0])
+        dtype = _compute_dtype(x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype))
+        out = x.new_zeros(labels.shape, dtype=dtype)
+        entropy = x.new_zeros(labels.shape if with_entropy else (0,), dtype=dtype)
+        z = None
+        for s, e in ctx.spans:
+            z = _TokenLogps._z(ctx, x, weight, bias, s, e)
             # log_softmax of one chunk (a fused kernel; faster than logsumexp on CPU), then gather and drop it
-            logp = torch.log_softmax(x, dim=-1)
+            logp = torch.log_softmax(z, dim=-1)
             out[s:e] = logp.gather(-1, labels[s:e].unsqueeze(-1)).squeeze(-1)
             if with_entropy:  # the same log-softmax gives H = -sum p log p (no gradient)
                 entropy[s:e] = _entropy_from_logp(logp)
-        ctx.save_for_backward(logits, labels)
-        ctx.temperature = temperature
-        ctx.entropy_grad = with_entropy and entropy_grad
+        keep = weight is not None and len(ctx.spans) == 1 and any(ctx.needs_input_grad)
+        ctx.save_for_backward(x, labels, weight, bias, z if keep else None)
         if not ctx.entropy_grad:
             ctx.mark_non_differentiable(entropy)
         return out, entropy
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx, grad_out: Tensor, grad_entropy: Tensor
-    ) -> tuple[Tensor | None, None, None, None, None]:
-        logits, labels = ctx.saved_tensors
-        temperature = ctx.temperature
-        dtype = _compute_dtype(logits.dtype)
-        spans = _row_chunks(logits)
-        grad = None if len(spans) == 1 else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        for s, e in spans:
-            x = logits[s:e].to(dtype)
-            if temperature != 1.0:
-                x = x / temperature
-            g = grad_out[s:e].to(dtype).unsqueeze(-1)
+    def backward(ctx, grad_out: Tensor, grad_entropy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, labels, weight, bias, kept = ctx.saved_tensors
+        need_x, *_, need_w, need_b = ctx.needs_input_grad
+        grad = None if (len(ctx.spans) == 1 and weight is None) or not need_x else torch.empty_like(x)
+        grad_w = torch.zeros_like(weight) if need_w else None  # the head's: summed over chunks
+        grad_b = torch.zeros_like(bias) if need_b else None
+        mm = ctx.mm_dtype if ctx.spans else x.dtype  # the head's matmuls run in forward's dtype (autocast's)
+        h, w, b = (
+            (x, None, None) if weight is None else (x.to(mm), weight.to(mm), None if bias is None else bias.to(mm))
+        )
+        for s, e in ctx.spans:
+            z = kept if kept is not None else _TokenLogps._z(ctx, h, w, b, s, e)
+            g = grad_out[s:e].to(z.dtype).unsqueeze(-1)
             if ctx.entropy_grad:
-                # d/dx_j of H = -sum p log p is -p_j (log p_j + H); with the log-prob term: p (-g - g_H (log p + H))
-                logp = torch.log_softmax(x, dim=-1)
-                p = logp.exp()
+                # d/dz_j of H = -sum p log p is -p_j (log p_j + H); with the log-prob term: p (-g - g_H (log p + H))
+                logp = torch.log_softmax(z, dim=-1)
                 ent = _entropy_from_logp(logp).unsqueeze(-1)
-                g_h = grad_entropy[s:e].to(dtype).unsqueeze(-1)
-                chunk = p * (-g - g_h * (logp.clamp(min=torch.finfo(logp.dtype).min) + ent))
+                g_h = grad_entropy[s:e].to(z.dtype).unsqueeze(-1)
+                chunk = logp.exp() * (-g - g_h * (logp.clamp(min=torch.finfo(logp.dtype).min) + ent))
             else:
-                # d/dx [log softmax(x)_y] = onehot(y) - softmax(x); chain rule through x = logits / temperature.
-                chunk = torch.softmax(x, dim=-1).mul_(-g)
+                # d/dz [log softmax(z)_y] = onehot(y) - softmax(z); chain rule through z = logits / temperature.
+                chunk = torch.softmax(z, dim=-1).mul_(-g)
             chunk.scatter_add_(-1, labels[s:e].unsqueeze(-1), g)
-            if temperature != 1.0:
-                chunk.div_(temperature)
-            if grad is None:  # a single chunk: it is the gradient
-                return chunk.to(logits.dtype), None, None, None, None
-            grad[s:e] = chunk
-        return grad, None, None, None, None
+            if ctx.temperature != 1.0:
+                chunk.div_(ctx.temperature)
+            if weight is None and grad is None:  # a single chunk of logits: it is the gradient
+                return chunk.to(x.dtype), None, None, None, None, None, None
+            if weight is None:
+                grad[s:e] = chunk
+                continue
+            chunk = chunk.to(mm)  # the logits' gradient through the head: dx = dz @ W, dW = dz.T @ x, db = sum dz
+            if need_x:
+                grad[s:e] = chunk @ w
+            if need_w and grad_w.dtype == mm:
+                grad_w.addmm_(chunk.T, h[s:e])
+            elif need_w:  # autocast: a float32 weight sums the bf16 products in float32
+                grad_w += chunk.T @ h[s:e]
+            if need_b:
+                grad_b += chunk.sum(0)
+        return grad, None, None, None, None, grad_w, grad_b
 
 
 def _entropy_from_logp(logp: Tensor) -> Tensor:
@@ -232,6 +261,49 @@ def token_logps_and_entropy(
     logps, entropy = _TokenLogps.apply(logits, labels.clamp(min=0), float(temperature), with_entropy, entropy_grad)
     logps = torch.where(valid, logps, torch.zeros((), dtype=logps.dtype, device=logps.device))
     return logps, entropy if with_entropy else None
+
+
+def linear_token_logps_and_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`token_logps_and_entropy` of the logits ``z = hidden @ weight.T + bias`` without materialising them (a
+    fused linear cross-entropy: Liger Kernel, Hsu et al. 2024; "Cut Your Losses in Large-Vocabulary Language Models",
+    Wijmans et al. 2024).
+
+    ``log p(y) = z_y / T - logsumexp(z / T)`` and, with ``with_entropy``, ``H = -sum_v p_v log p_v`` of
+    ``p = softmax(z / T)``, over row chunks of at most ``_CHUNK_ELEMENTS`` logits (64 MiB of float32): the ``[N, V]``
+    logits never exist. Backward recomputes each chunk's logits and their gradient
+    ``dz = g (onehot(y) - p) / T`` (plus ``-g_H p (log p + H) / T`` with ``entropy_grad``), then
+    ``grad_hidden = dz @ W``, ``grad_W += dz.T @ hidden``, ``grad_bias += sum dz``. When one chunk holds all ``N``
+    rows its logits are kept from forward instead (no recompute: the plain path's speed for small vocabularies). The
+    matmul runs as the LM head's own (the inputs' dtype; autocast's under autocast), the softmax in float32 for
+    fp16/bf16; log-probs are float32 (float64 for float64 inputs), gradients come back in the inputs' dtypes.
+
+    Args:
+        hidden: ``[N, H]`` states that predict the labels.
+        weight: ``[V, H]`` LM head weight (tied embeddings included); ``bias``: ``[V]`` or ``None``.
+        labels: ``[N]`` token ids. Negative ids (e.g. ``-100``) yield 0 and receive no gradient.
+        temperature: sampling temperature the logits are divided by.
+        with_entropy, entropy_grad: as :func:`token_logps_and_entropy`.
+
+    Returns:
+        ``([N] log-probs, [N] entropies or None)``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1] or weight.shape[-1] != hidden.shape[-1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, labels {tuple(labels.shape)}")
+    labels = labels.long()
+    args = (float(temperature), with_entropy, entropy_grad, weight, bias)
+    logps, entropy = _TokenLogps.apply(hidden, labels.clamp(min=0), *args)
+    return logps.masked_fill(labels < 0, 0.0), entropy if with_entropy else None
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ import copy
 import inspect
 import logging
 import math
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from src.accel import Accel, AccelSpec, parse
 from src.data import tiny
-from src.logprobs import completion_logits, completion_logps, logps_from_logits, unwrap
+from src.logprobs import completion_logits, completion_logps, unwrap
 from src.models import disable_dropout, load_causal_lm
 
 log = logging.getLogger(__name__)
@@ -148,19 +149,18 @@ class AlignmentModule(LightningModule):
     def reference_logits(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> Tensor:
         """Reference logits ``[N, V]`` at the completion positions, without autograd (the frozen copy or
         checkpoint, or the LoRA policy with its adapter disabled)."""
-        with torch.no_grad():
-            if self.ref_model is None:
-                with self.model.disable_adapter():
-                    return completion_logits(self.model, input_ids, attention_mask, completion_mask, self.accel)[0]
-            return completion_logits(self.ref_model, input_ids, attention_mask, completion_mask, self.accel)[0]
+        with torch.no_grad(), self.model.disable_adapter() if self.ref_model is None else nullcontext():
+            ref = self.model if self.ref_model is None else self.ref_model
+            return completion_logits(ref, input_ids, attention_mask, completion_mask, self.accel)[0]
 
     def reference_logps(
         self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, *, temperature: float = 1.0
     ) -> Tensor:
-        """Per-token reference log-probs ``[B, T]`` (0 outside the completion), without autograd; logits are divided
-        by ``temperature`` (the sampling temperature, as for the policy in GRPO/PPO)."""
-        logits = self.reference_logits(input_ids, attention_mask, completion_mask)
-        return logps_from_logits(logits, input_ids, completion_mask[:, 1:].bool(), temperature=temperature)[0]
+        """Per-token reference log-probs ``[B, T]`` (0 outside the completion) of that model, without autograd;
+        logits are divided by ``temperature`` (the sampling temperature, as for the policy in GRPO/PPO)."""
+        args, kw = (input_ids, attention_mask, completion_mask), dict(temperature=temperature, accel=self.accel)
+        with torch.no_grad(), self.model.disable_adapter() if self.ref_model is None else nullcontext():
+            return completion_logps(self.model if self.ref_model is None else self.ref_model, *args, **kw)[0]
 
     def policy_logps(self, batch: dict[str, Any], **kw: Any) -> tuple[Tensor, Tensor | None]:
         """Per-token policy log-probs ``[B, T]`` of the batch's completion tokens (``src.logprobs``)."""

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from src.logprobs import completion_logits, logps_from_logits
+from src.logprobs import completion_logps
 from src.losses import (
     CLIPPED_GRPO_LOSS_TYPES,
     adaptive_entropy_coef,
@@ -174,37 +174,20 @@ class GRPO(OnlineModule):
             return rloo_advantages(rewards, g, normalize=h.normalize_advantages)
         return group_advantages(rewards, g, scale=h.scale_rewards)
 
-    def scoring_logits(
-        self, model: torch.nn.Module, buf: dict[str, Any], rows: slice | Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Completion-position logits ``[N, V]`` and selector of ``rows`` under ``model``; the generations of a prompt
-        may run their shared prompt once (``accel`` feature ``prefix_sharing``)."""
-        ids, attn, mask = buf["input_ids"][rows], buf["attention_mask"][rows], buf["completion_mask"][rows]
-        return completion_logits(model, ids, attn, mask, self.accel)
-
     def token_logps(
         self, buf: dict[str, Any], rows: slice | Tensor, with_entropy: bool = False, entropy_grad: bool = False
-    ):
-        logits, target = self.scoring_logits(self.model, buf, rows)
-        return logps_from_logits(
-            logits,
-            buf["input_ids"][rows],
-            target,
-            temperature=self.sampling.temperature or 1.0,
-            with_entropy=with_entropy,
-            entropy_grad=entropy_grad,
-        )
+    ) -> tuple[Tensor, Tensor | None]:
+        """Per-token policy log-probs (and entropies) of ``rows``; logits are divided by the sampling temperature.
+        The generations of a prompt may run their shared prompt once (``accel`` feature ``prefix_sharing``)."""
+        ids, attn, mask = buf["input_ids"][rows], buf["attention_mask"][rows], buf["completion_mask"][rows]
+        t, kw = self.sampling.temperature or 1.0, dict(with_entropy=with_entropy, entropy_grad=entropy_grad)
+        return completion_logps(self.model, ids, attn, mask, temperature=t, accel=self.accel, **kw)
 
     def ref_token_logps(self, buf: dict[str, Any], rows: slice | Tensor) -> Tensor:
         """Per-token reference log-probs of ``rows`` (no autograd); the frozen copy shares prompts like the policy.
         Logits are divided by the sampling temperature, as the policy's (and TRL's): at step 0 the KL is exactly 0."""
-        temperature = self.sampling.temperature or 1.0
-        if self.ref_model is None:  # LoRA: the policy with its adapter disabled
-            ids, attn, mask = buf["input_ids"][rows], buf["attention_mask"][rows], buf["completion_mask"][rows]
-            return self.reference_logps(ids, attn, mask, temperature=temperature)
-        with torch.no_grad():
-            logits, target = self.scoring_logits(self.ref_model, buf, rows)
-            return logps_from_logits(logits, buf["input_ids"][rows], target, temperature=temperature)[0]
+        ids, attn, mask = buf["input_ids"][rows], buf["attention_mask"][rows], buf["completion_mask"][rows]
+        return self.reference_logps(ids, attn, mask, temperature=self.sampling.temperature or 1.0)
 
     # -- the step -------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:

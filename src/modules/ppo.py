@@ -57,7 +57,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from src.logprobs import completion_hidden, completion_logps, logps_from_logits, scatter_tokens, unwrap
+from src.logprobs import completion_hidden, completion_logps, logps_from_hidden, scatter_tokens, unwrap
 from src.losses import (
     adaptive_kl_update,
     gae,
@@ -287,8 +287,9 @@ class PPO(OnlineModule):
         values = None
         if self.value_head is not None:  # one backbone pass feeds the LM head and the value head
             hidden, target = completion_hidden(self.model, ids, attn, cmask, self.accel)
-            logits = unwrap(self.model).get_output_embeddings()(hidden)
-            logps, entropy = logps_from_logits(logits, ids, target, temperature=temperature, with_entropy=with_entropy)
+            logps, entropy = logps_from_hidden(
+                self.model, hidden, ids, target, temperature=temperature, with_entropy=with_entropy
+            )
             values = scatter_tokens(self.value_head(hidden).squeeze(-1).float(), target)
         else:
             logps, entropy = completion_logps(
