@@ -36,13 +36,6 @@ def held_out_exact_match(cli, n: int = 128) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "issue 19: the SFT default does not learn to copy in its budget (train loss 7.44 -> ~6.5, held-out exact match "
-        "0): it memorises the 1,946 training rows and no induction circuit forms in 200 steps; see the issue's notes"
-    ),
-)
 def test_sft_default_learns_to_copy_held_out_prompts(run_cli):
     cli, rows = fit(run_cli, "sft")
     start, val = column(rows, "train/loss")[0], column(rows, "val/loss")

@@ -1,9 +1,12 @@
 """The embedded tiny default: a synthetic language, its tokenizer and a tiny Llama built from config.
 
 Nothing is downloaded. The language is pseudo-words made of consonant-vowel syllables plus the integers 0..99
-(the same recipe as the shared benchmark workload). Three tasks are generated deterministically from a seed:
+(the same recipe as the shared benchmark workload); the shipped tokenizer has one token for each (``Ġitem``). Every
+prompt is ``" item item ... ="``: 6-14 items, each with its leading space, and `` =`` to mark where the answer
+starts. Three tasks are generated deterministically from a seed:
 
-* ``sft``: ``prompt`` = random items, ``completion`` = the prompt's items copied in order (learn to copy).
+* ``sft``: ``completion`` = ``" item item ..."``, the prompt's items copied in order, token for token (learn to
+  copy: an induction circuit, which is why held-out prompts can be copied after training on fresh rows).
 * ``preference``: ``chosen`` copies the prompt, ``rejected`` is fresh random items with many numbers. DPO learns the
   preference quickly (fewer numbers) and slowly (copying).
 * ``prompt``: prompts only, with an ``answer`` column (the prompt's items) for rewards that want one. The default
@@ -24,6 +27,7 @@ TOKENIZER_FILE = Path(__file__).with_name("tiny") / "tokenizer.json"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2
 VOCAB_SIZE = 2048
 CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
+PROMPT_END = " ="  # ends every generated prompt: the answer starts after it (tokens ``Ġ``, ``=``)
 # A plain-text chat template so conversational rows work with the tiny tokenizer too.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}"
@@ -114,22 +118,25 @@ def build_model(overrides: dict[str, Any] | None = None, attn_implementation: st
 def generate_rows(kind: str, n_rows: int = 2048, seed: int = 0, min_items: int = 6, max_items: int = 14) -> tuple:
     """Deterministic rows of the synthetic task for ``kind`` in ``sft``, ``preference``, ``prompt``.
 
-    Lengths are counted in items (a word is ~2 tokens, a number 1), so sequences stay short and a step is fast.
+    A prompt is ``" item item ... ="``: every item is one token of the shipped tokenizer (``Ġitem``), and the trailing
+    `` =`` marks where the answer starts; a copy is ``" item item ..."``, the same tokens (then EOS). Lengths are
+    counted in items, so sequences stay short (``max_items`` + 3 prompt tokens) and a step is fast.
     """
     if kind not in ("sft", "preference", "prompt"):
         raise ValueError(f"tiny task: unknown kind {kind!r}; expected sft, preference or prompt")
     words, rng = lexicon(), random.Random(f"{kind}-{seed}")
     rows = []
     for _ in range(n_rows):
-        prompt = [_item(rng, words, 0.2) for _ in range(rng.randint(min_items, max_items))]
-        copy = " " + " ".join(prompt)
+        items = [_item(rng, words, 0.2) for _ in range(rng.randint(min_items, max_items))]
+        copy = " " + " ".join(items)
+        prompt = copy + PROMPT_END
         if kind == "sft":
-            rows.append({"prompt": " ".join(prompt), "completion": copy})
+            rows.append({"prompt": prompt, "completion": copy})
         elif kind == "preference":
             rejected = [_item(rng, words, 0.5) for _ in range(rng.randint(min_items, max_items))]
-            rows.append({"prompt": " ".join(prompt), "chosen": copy, "rejected": " " + " ".join(rejected)})
+            rows.append({"prompt": prompt, "chosen": copy, "rejected": " " + " ".join(rejected)})
         else:
-            rows.append({"prompt": " ".join(prompt), "answer": copy.strip()})
+            rows.append({"prompt": prompt, "answer": copy.strip()})
     return tuple(rows)
 
 
