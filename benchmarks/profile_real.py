@@ -8,7 +8,7 @@ with steps ``skip+1 .. skip+steps`` profiled. It prints, per profiled step:
 
 * phases: policy forward, reference forward, backward, generation (GRPO), as ``record_function`` ranges put around
   each side's own methods (:data:`PHASES`); "rest" is the step minus those (optimizer, clipping, loss, data, Python);
-* operator groups by self time: GEMMs split by shape into LM head (a ``vocab_size`` dimension), MLP
+* operator groups by self time: GEMMs split by shape into LM head (a ``vocab_size`` or vocabulary-tile dimension), MLP
   (``intermediate_size``) and attention projections (``hidden_size`` / key-value width), SDPA, (log-)softmax /
   logsumexp, AdamW, sampling, elementwise and copies, the rest;
 * the top operators by self time.
@@ -57,8 +57,7 @@ def _wrap(owner: type, name: str, tag: str | Callable[..., str]) -> None:
 def label_ours(algo: str) -> None:
     from lightning import LightningModule
 
-    _wrap(LightningModule, "backward", "backward")
-    _wrap(LightningModule, "manual_backward", "backward")
+    _wrap(LightningModule, "backward", "backward")  # manual_backward (GRPO) reaches it through the strategy too
     if algo == "dpo":
         from src.modules.dpo import DPO
 
@@ -114,8 +113,8 @@ def groups(ka: Any, config: Any) -> dict[str, float]:
             continue
         dims = {d for shape in (e.input_shapes or []) if isinstance(shape, list) for d in shape}
         low = name.lower()
-        if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"):
-            if vocab in dims:
+        if name.rstrip("_") in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"):
+            if vocab in dims or any(d >= 8192 for d in dims):  # TRL's CPU head runs vocabulary tiles of 16-32K
                 out["GEMM: LM head (vocab)"] += ms
             elif inter in dims:
                 out["GEMM: MLP"] += ms

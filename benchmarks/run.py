@@ -99,7 +99,7 @@ WORKLOADS: dict[str, Workload] = {
         "configs/bench/real_grpo.yaml",
         "grpo_{length}.jsonl",
         _grpo_tokens,
-        ("reward", "kl"),
+        ("reward", "kl", "completions/mean_length"),
         REAL_ARTIFACTS,
         REAL_HINT,
         _real_grpo_args,
@@ -304,6 +304,9 @@ def run(
     if rec.completion_tokens:
         result["completion_tokens_total"] = sum(rec.completion_tokens)
     for name, values in rec.metrics.items():
+        if name == "completions/mean_length":  # TRL's runner's key
+            result["completion_mean_length"] = [round(v, 2) for v in values]
+            continue
         result[f"{name}_first_step"] = round(values[0], 4)
         result[f"{name}_last_step"] = round(values[-1], 4)
         result[f"{name}s" if not name.endswith("s") else name] = [round(v, 4) for v in values]
