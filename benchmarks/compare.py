@@ -1,13 +1,16 @@
-"""Ours vs TRL on the shared CPU workload, side by side: alternating fresh processes, medians, ratios.
+"""Ours vs TRL on a benchmark workload, side by side: alternating fresh processes, medians, ratios.
 
     python benchmarks/compare.py dpo [--repeats 3] [--artifacts ../shared/bench/artifacts] [--tag NAME]
                                      [--threads N] [--steps N] [--bench-dir ../shared/bench] [--wait-idle S] [--nice N]
+    python benchmarks/compare.py real_dpo --length 128 256 512 [--repeats 2] [--accel auto|off] ...
 
-Each repeat runs ``benchmarks/run.py`` and ``<bench-dir>/trl_<workload>.py`` as fresh subprocesses (under
-``/usr/bin/time -v`` when present), alternating which goes first, so slow drifts of a shared machine hit both.
-Prints a markdown table of medians and the ratios ours/TRL (tokens/s, peak RSS), checks the per-step loss curves
-against each other, and writes every raw result plus the summary to ``benchmarks/results/<tag>.json``.
-TRL comes from the ``bench`` extra: ``pip install -e '.[bench]'`` (trl==1.16.0).
+Each repeat runs ``benchmarks/run.py`` and TRL's runner (``<bench-dir>/trl_<workload>.py`` for the shared tiny
+workload, ``benchmarks/trl_real.py`` for the real-model one of ``benchmarks/real.py``) as fresh subprocesses (under
+``/usr/bin/time -v`` when present), alternating which goes first, so slow drifts of a shared machine hit both; with
+several ``--length`` values every repeat runs each length in turn. Prints a markdown table of medians and the ratios
+ours/TRL (tokens/s, peak RSS, step time) per length, how the median step time grows with the length on each side,
+checks the DPO per-step loss curves against each other, and writes every raw result plus the summary to
+``benchmarks/results/<tag>.json``. TRL comes from the ``bench`` extra: ``pip install -e '.[bench]'`` (trl==1.16.0).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT.parent / "shared" / "bench"
-RUNNERS = {"dpo": "trl_dpo.py", "grpo": "trl_grpo.py"}
+REAL_ARTIFACTS = ROOT / "benchmarks" / "real_artifacts"
+RUNNERS = {"dpo": "trl_dpo.py", "grpo": "trl_grpo.py", "real_dpo": "trl_real.py", "real_grpo": "trl_real.py"}
 KEYS = {
     "dpo": [
         "tokens_per_s",
@@ -53,6 +57,12 @@ KEYS = {
         "process_wall_s",
     ],
 }
+KEYS["real_dpo"], KEYS["real_grpo"] = KEYS["dpo"], KEYS["grpo"]
+
+
+def algo(workload: str) -> str:
+    """``dpo`` or ``grpo``: what the workload trains (``real_dpo`` -> ``dpo``)."""
+    return workload.removeprefix("real_")
 
 
 def cpu_idle_fraction(window_s: float = 2.0) -> float | None:
@@ -123,80 +133,47 @@ def curve_diff(a: list[float], b: list[float]) -> float | None:
     return round(max(abs(x - y) for x, y in zip(a[:n], b[:n])), 6) if n else None
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("workload", choices=sorted(RUNNERS))
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--artifacts", default=str(BENCH_DIR / "artifacts"))
-    ap.add_argument("--bench-dir", default=str(BENCH_DIR), help="folder holding trl_dpo.py / trl_grpo.py")
-    ap.add_argument("--tag", default=None, help="results/<tag>.json (default: <workload>_<date>)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in both (default: torch's)")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side only")
-    ap.add_argument("--timeout", type=int, default=900)
-    ap.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="before each run wait up to S seconds for the CPUs to be >= 85%% idle (shared machines)",
-    )
-    ap.add_argument(
-        "--nice",
-        type=int,
-        default=0,
-        help="run both sides under `nice -n N` (e.g. -10 as root: the scheduler favours the benchmark over other jobs "
-        "on a shared machine; both sides get the same priority)",
-    )
-    ap.add_argument(
-        "--accel",
-        default=None,
-        help="our side's speed-path switch, passed as --model.init_args.accel (auto | off | [feature,...]); "
-        "default: the config's (auto)",
-    )
-    args = ap.parse_args(argv)
-
-    artifacts = str(Path(args.artifacts).resolve())
-    bench_dir = Path(args.bench_dir).resolve()
+def commands(args: argparse.Namespace, length: int | None) -> dict[str, tuple[list[str], Path]]:
+    """(command, cwd) of each side for one length (``None``: the shared tiny workload)."""
+    real = args.workload.startswith("real_")
+    artifacts = str(Path(args.artifacts or (REAL_ARTIFACTS if real else BENCH_DIR / "artifacts")).resolve())
     common = ["--artifacts", artifacts]
     if args.threads:
         common += ["--threads", str(args.threads)]
     if args.steps:
         common += ["--steps", str(args.steps)]
-    cmds = {
-        "ours": (
-            [sys.executable, str(ROOT / "benchmarks" / "run.py"), args.workload, *common]
-            + ([f"--model.init_args.accel={args.accel}"] if args.accel else []),
-            ROOT,
-        ),
-        "trl": ([sys.executable, str(bench_dir / RUNNERS[args.workload]), *common], bench_dir),
-    }
-    sides = [args.only] if args.only else ["ours", "trl"]
-    rows: dict[str, list[dict]] = {s: [] for s in sides}
-    for i in range(args.repeats):
-        order = sides if i % 2 == 0 else sides[::-1]  # ABBA: neither side always runs first
-        for side in order:
-            cmd, cwd = cmds[side]
-            r = run_one(cmd, cwd, args.timeout, args.wait_idle, args.nice)
-            rows[side].append(r)
-            print(
-                f"[{side} {i + 1}/{args.repeats}] tokens/s={fmt(r.get('tokens_per_s'))} "
-                f"train_wall_s={fmt(r.get('train_wall_s'))} rss={fmt(r.get('peak_rss_mib'))} MiB "
-                f"final_loss={r.get('final_loss')} load={r['loadavg_1min_before']} idle={r.get('cpu_idle_before')}",
-                file=sys.stderr,
-                flush=True,
+    if length is not None:
+        common += ["--length", str(length)]
+    ours = [sys.executable, str(ROOT / "benchmarks" / "run.py"), args.workload, *common]
+    if args.accel:
+        ours.append(f"--model.init_args.accel={args.accel}")
+    if real:
+        trl = ([sys.executable, str(ROOT / "benchmarks" / "trl_real.py"), algo(args.workload), *common], ROOT)
+    else:
+        bench_dir = Path(args.bench_dir).resolve()
+        runner = bench_dir / RUNNERS[args.workload]
+        if not runner.exists() and args.only != "ours":
+            raise SystemExit(
+                f"{runner} not found: TRL's runners for the tiny workload live in ../shared/bench (--bench-dir); "
+                "the real-model workload (real_dpo, real_grpo) needs no ../shared"
             )
+        trl = ([sys.executable, str(runner), *common], bench_dir)
+    return {"ours": (ours, ROOT), "trl": trl}
 
+
+def summarize(args: argparse.Namespace, rows: dict[str, list[dict]], length: int | None) -> dict:
+    """Medians, ratios and the loss / reward comparison of one length; prints its table."""
+    sides = list(rows)
     keys = KEYS[args.workload]
     med = {s: {k: median(rows[s], k) for k in keys} for s in sides}
     summary: dict = dict(
         workload=args.workload,
+        length=length,
         repeats=args.repeats,
         threads=args.threads,
         nice=args.nice,
         steps=args.steps,
         accel=args.accel or "auto",
-        artifacts=artifacts,
         median=med,
         runs={s: rows[s] for s in sides},
     )
@@ -205,16 +182,18 @@ def main(argv: list[str] | None = None) -> dict:
         summary["ratio_tokens_per_s"] = round(o["tokens_per_s"] / t["tokens_per_s"], 3)
         summary["ratio_peak_rss"] = round(o["peak_rss_mib"] / t["peak_rss_mib"], 3)
         summary["ratio_median_step"] = round(t["median_step_s_excl_first"] / o["median_step_s_excl_first"], 3)
-        if args.workload == "dpo":
+        if algo(args.workload) == "dpo":
             summary["max_abs_loss_diff_vs_trl"] = curve_diff(rows["ours"][0]["losses"], rows["trl"][0]["losses"])
             summary["first_loss_ours"] = rows["ours"][0]["losses"][0]
-        if args.workload == "grpo":  # sampling streams differ: compare the reward trend, not the values
+            summary["losses_ours"], summary["losses_trl"] = rows["ours"][0]["losses"], rows["trl"][0]["losses"]
+        else:  # sampling streams differ: compare the reward trend, not the values
             summary["rewards_ours"] = rows["ours"][0].get("rewards")
             summary["rewards_trl"] = rows["trl"][0].get("rewards")
 
     env = rows[sides[0]][0]
+    at = f" at length {length}" if length is not None else ""
     print(
-        f"\n### {args.workload}: medians of {args.repeats} alternating runs "
+        f"\n### {args.workload}{at}: medians of {args.repeats} alternating runs "
         f"(torch threads {env.get('torch_threads')}, {env.get('cpu', '?')}, {os.cpu_count()} CPUs)\n"
     )
     print("| metric | " + " | ".join(sides) + (" | ours / TRL |" if len(sides) == 2 else " |"))
@@ -249,15 +228,129 @@ def main(argv: list[str] | None = None) -> dict:
                 f"mean reward, first -> last {max(1, len(summary['rewards_ours']) // 6)} steps: "
                 f"ours {trend(summary['rewards_ours'])}, TRL {trend(summary['rewards_trl'])}"
             )
+    return summary
+
+
+def growth(per_length: dict[int, dict]) -> dict:
+    """Median step time per length on each side and its growth from one length to the next (x the previous)."""
+    lengths = sorted(per_length)
+    sides = list(per_length[lengths[0]]["median"])
+    out: dict = {}
+    for s in sides:
+        steps = [per_length[n]["median"][s]["median_step_s_excl_first"] for n in lengths]
+        out[s] = dict(
+            median_step_s=dict(zip(lengths, steps)),
+            growth=[round(b / a, 3) if a and b else None for a, b in zip(steps, steps[1:])],
+        )
+    print("\n### step time vs length (median step excluding the first, s; growth = x the previous length)\n")
+    print("| side | " + " | ".join(str(n) for n in lengths) + " | growth |")
+    print("|---|" + "---|" * len(lengths) + "---|")
+    for s in sides:
+        cells = " | ".join(fmt(v) for v in out[s]["median_step_s"].values())
+        print(f"| {s} | {cells} | " + ", ".join(f"{g}×" for g in out[s]["growth"]) + " |")
+    if len(sides) == 2:
+        print("\n| length | tokens/s ours | tokens/s TRL | ratio | peak RSS ours / TRL MiB | step ours / TRL s |")
+        print("|---|---|---|---|---|---|")
+        for n in lengths:
+            m, summ = per_length[n]["median"], per_length[n]
+            print(
+                f"| {n} | {fmt(m['ours']['tokens_per_s'])} | {fmt(m['trl']['tokens_per_s'])} | "
+                f"**{summ['ratio_tokens_per_s']:.2f}×** | {fmt(m['ours']['peak_rss_mib'])} / "
+                f"{fmt(m['trl']['peak_rss_mib'])} | {fmt(m['ours']['median_step_s_excl_first'])} / "
+                f"{fmt(m['trl']['median_step_s_excl_first'])} |"
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("workload", choices=sorted(RUNNERS))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--length",
+        type=int,
+        nargs="+",
+        default=None,
+        help="real_* workloads: sequence lengths to run (128 256 512); every repeat runs each in turn",
+    )
+    ap.add_argument(
+        "--artifacts",
+        default=None,
+        help="workload dir (default: ../shared/bench/artifacts; real_*: benchmarks/real_artifacts)",
+    )
+    ap.add_argument("--bench-dir", default=str(BENCH_DIR), help="folder holding trl_dpo.py / trl_grpo.py")
+    ap.add_argument("--tag", default=None, help="results/<tag>.json (default: <workload>_<date>)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in both (default: torch's)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side only")
+    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each run wait up to S seconds for the CPUs to be >= 85%% idle (shared machines)",
+    )
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run both sides under `nice -n N` (e.g. -10 as root: the scheduler favours the benchmark over other jobs "
+        "on a shared machine; both sides get the same priority)",
+    )
+    ap.add_argument(
+        "--accel",
+        default=None,
+        help="our side's speed-path switch, passed as --model.init_args.accel (auto | off | [feature,...]); "
+        "default: the config's (auto)",
+    )
+    args = ap.parse_args(argv)
+    real = args.workload.startswith("real_")
+    if real and not args.length:
+        raise SystemExit(f"{args.workload} needs --length (one or more of 128 256 512)")
+    if not real and args.length:
+        raise SystemExit(f"{args.workload} takes no --length (the shared tiny workload has one)")
+    lengths: list[int | None] = list(args.length) if real else [None]
+
+    cmds = {n: commands(args, n) for n in lengths}
+    sides = [args.only] if args.only else ["ours", "trl"]
+    rows: dict[int | None, dict[str, list[dict]]] = {n: {s: [] for s in sides} for n in lengths}
+    for i in range(args.repeats):
+        order = sides if i % 2 == 0 else sides[::-1]  # ABBA: neither side always runs first
+        for n in lengths:
+            for side in order:
+                cmd, cwd = cmds[n][side]
+                r = run_one(cmd, cwd, args.timeout, args.wait_idle, args.nice)
+                rows[n][side].append(r)
+                at = f" L={n}" if n is not None else ""
+                print(
+                    f"[{side}{at} {i + 1}/{args.repeats}] tokens/s={fmt(r.get('tokens_per_s'))} "
+                    f"train_wall_s={fmt(r.get('train_wall_s'))} step={fmt(r.get('median_step_s_excl_first'))} "
+                    f"rss={fmt(r.get('peak_rss_mib'))} MiB final_loss={r.get('final_loss')} "
+                    f"load={r['loadavg_1min_before']} idle={r.get('cpu_idle_before')}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    per_length = {n: summarize(args, rows[n], n) for n in lengths}
+    if real:
+        summary: dict = dict(workload=args.workload, accel=args.accel or "auto", lengths=per_length)
+        if len(lengths) > 1:
+            summary["step_time_vs_length"] = growth(per_length)
+    else:
+        summary = per_length[None]
+        summary["artifacts"] = str(Path(args.artifacts or BENCH_DIR / "artifacts").resolve())
 
     tag = args.tag or f"{args.workload}_{time.strftime('%Y%m%d_%H%M%S')}"
     out = ROOT / "benchmarks" / "results" / f"{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     # one file per run, as ../shared/bench/flops.py --dpo-results "results/<tag>_ours_run*.json" reads them
-    for s in sides:
-        for i, r in enumerate(rows[s], 1):
-            out.with_name(f"{tag}_{s}_run{i}.json").write_text(json.dumps(r) + "\n")
+    for n in lengths:
+        for s in sides:
+            for i, r in enumerate(rows[n][s], 1):
+                name = f"{tag}_{s}_run{i}.json" if n is None else f"{tag}_L{n}_{s}_run{i}.json"
+                out.with_name(name).write_text(json.dumps(r) + "\n")
     print(f"\nwrote {out.relative_to(ROOT)}")
     return summary
 

@@ -14,8 +14,10 @@ the keys and measurement definitions of ``../shared/bench/trl_dpo.py``:
   -> optimizer step done), as TRL's ``on_step_begin`` -> ``on_step_end``.
 * ``peak_rss_mib``: ``getrusage(RUSAGE_SELF).ru_maxrss`` at the end.
 
-Adding a workload (e.g. GRPO once its module exists) = one entry in :data:`WORKLOADS`: its config, its data file and
-how a batch counts tokens.
+Adding a workload = one entry in :data:`WORKLOADS`: its config, its data file and how a batch counts tokens.
+``real_dpo`` / ``real_grpo`` are the real-model workload of ``benchmarks/real.py`` (SmolLM2-135M, built into
+``benchmarks/real_artifacts``); they take ``--length 128|256|512``, which picks the data file and sets
+``max_length`` (DPO) or ``max_new_tokens`` (GRPO).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: `benchmarks.*` and `src` import from the repo root
+    sys.path.insert(0, str(ROOT))
 DEFAULT_ARTIFACTS = ROOT.parent / "shared" / "bench" / "artifacts"
 
 for _k, _v in {
@@ -62,18 +66,58 @@ def _grpo_tokens(batch: dict[str, Any], outputs: Any) -> tuple[int, int]:
     return n, int(out.get("num_tokens_padded", n))
 
 
+def _real_dpo_args(length: int) -> list[str]:
+    return ["--data.max_length", str(length)]
+
+
+def _real_grpo_args(length: int) -> list[str]:
+    from benchmarks.real import lengths
+
+    return ["--model.init_args.max_new_tokens", str(lengths(length)[1])]
+
+
 @dataclass(frozen=True)
 class Workload:
     config: str  # relative to the repo root
-    data_file: str  # relative to --artifacts
+    data_file: str  # relative to --artifacts; ``{length}`` is filled from --length
     count_tokens: Callable[[dict[str, Any], Any], tuple[int, int]]
     step_metrics: tuple[str, ...] = ()  # per-sample metrics of the step output recorded per step (mean)
+    artifacts: Path = DEFAULT_ARTIFACTS  # default --artifacts
+    build_hint: str = "python ../shared/bench/workload.py --out {artifacts}"
+    length_args: Callable[[int], list[str]] | None = None  # CLI overrides of a --length (real workloads only)
 
 
+REAL_ARTIFACTS = ROOT / "benchmarks" / "real_artifacts"
+REAL_HINT = "python benchmarks/real.py build --out {artifacts}"
 WORKLOADS: dict[str, Workload] = {
     "dpo": Workload("configs/bench/dpo.yaml", "dpo_pairs.jsonl", _dpo_tokens),
     "grpo": Workload("configs/bench/grpo.yaml", "grpo_prompts.jsonl", _grpo_tokens, ("reward", "kl")),
+    "real_dpo": Workload(
+        "configs/bench/real_dpo.yaml", "dpo_{length}.jsonl", _dpo_tokens, (), REAL_ARTIFACTS, REAL_HINT, _real_dpo_args
+    ),
+    "real_grpo": Workload(
+        "configs/bench/real_grpo.yaml",
+        "grpo_{length}.jsonl",
+        _grpo_tokens,
+        ("reward", "kl", "completions/mean_length"),
+        REAL_ARTIFACTS,
+        REAL_HINT,
+        _real_grpo_args,
+    ),
 }
+
+
+def data_file(workload: str, length: int | None) -> str:
+    """The workload's data file name; a real workload needs a ``length``, the shared ones take none."""
+    wl = WORKLOADS[workload]
+    if (wl.length_args is None) != (length is None):
+        need = "needs --length 128|256|512" if length is None else "takes no --length"
+        raise SystemExit(f"{workload} {need}")
+    if length is not None:
+        from benchmarks.real import lengths
+
+        lengths(length)  # exits naming the lengths there are
+    return wl.data_file.format(length=length)
 
 
 # ------------------------------------------------------------------------------------------------------ measurement
@@ -170,8 +214,11 @@ def environment_info() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------------- run
-def cli_args(workload: str, artifacts: Path, steps: int | None, root_dir: str, extra: list[str]) -> list[str]:
-    """The arguments given to ``src.cli.main``: the bench config, the artifact paths, the recorder callback."""
+def cli_args(
+    workload: str, artifacts: Path, steps: int | None, root_dir: str, extra: list[str], length: int | None = None
+) -> list[str]:
+    """The arguments given to ``src.cli.main``: the bench config, the artifact paths, the recorder callback (and a
+    real workload's length overrides)."""
     wl = WORKLOADS[workload]
     args = [
         "fit",
@@ -180,18 +227,26 @@ def cli_args(workload: str, artifacts: Path, steps: int | None, root_dir: str, e
         "--model.model_name_or_path",
         str(artifacts / "model"),
         "--data.path",
-        str(artifacts / wl.data_file),
+        str(artifacts / data_file(workload, length)),
         "--trainer.default_root_dir",
         root_dir,
         "--trainer.callbacks+=benchmarks.run.StepRecorder",
         f"--trainer.callbacks.init_args.workload={workload}",
     ]
+    if wl.length_args is not None and length is not None:
+        args += wl.length_args(length)
     if steps is not None:
         args += ["--trainer.max_steps", str(steps)]
     return args + extra
 
 
-def run(workload: str, artifacts: str | Path, steps: int | None = None, extra: list[str] | None = None) -> dict:
+def run(
+    workload: str,
+    artifacts: str | Path | None = None,
+    steps: int | None = None,
+    extra: list[str] | None = None,
+    length: int | None = None,
+) -> dict:
     """Run one benchmark in this process and return the result dict (what ``main`` prints)."""
     t_script0 = time.perf_counter()
     if workload not in WORKLOADS:
@@ -199,16 +254,12 @@ def run(workload: str, artifacts: str | Path, steps: int | None = None, extra: l
     wl = WORKLOADS[workload]
     if not (ROOT / wl.config).exists():
         raise SystemExit(f"{workload}: {wl.config} does not exist yet (is the {workload} module implemented?)")
-    artifacts = Path(artifacts).resolve()
-    for need in ("model", wl.data_file):
+    artifacts = Path(artifacts if artifacts is not None else wl.artifacts).resolve()
+    for need in ("model", data_file(workload, length)):
         if not (artifacts / need).exists():
             raise SystemExit(
-                f"{artifacts / need} not found; build the workload with "
-                f"`python ../shared/bench/workload.py --out {artifacts}`"
+                f"{artifacts / need} not found; build the workload with `{wl.build_hint.format(artifacts=artifacts)}`"
             )
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-
     from src.cli import main as cli_main  # imports are not setup time (as in the TRL runner)
 
     argv0 = sys.argv
@@ -216,7 +267,7 @@ def run(workload: str, artifacts: str | Path, steps: int | None = None, extra: l
         sys.argv = argv0[:1]  # the CLI gets its arguments from `args` only
         try:
             t_setup0 = time.perf_counter()
-            cli = cli_main(cli_args(workload, artifacts, steps, root_dir, list(extra or [])))
+            cli = cli_main(cli_args(workload, artifacts, steps, root_dir, list(extra or []), length))
             t_end = time.perf_counter()
         finally:
             sys.argv = argv0
@@ -248,9 +299,14 @@ def run(workload: str, artifacts: str | Path, steps: int | None = None, extra: l
         script_wall_s=round(time.perf_counter() - t_script0, 3),
         batch_size=cli.datamodule.hparams.batch_size,
     )
+    if length is not None:
+        result["length"] = length
     if rec.completion_tokens:
         result["completion_tokens_total"] = sum(rec.completion_tokens)
     for name, values in rec.metrics.items():
+        if name == "completions/mean_length":  # TRL's runner's key
+            result["completion_mean_length"] = [round(v, 2) for v in values]
+            continue
         result[f"{name}_first_step"] = round(values[0], 4)
         result[f"{name}_last_step"] = round(values[-1], 4)
         result[f"{name}s" if not name.endswith("s") else name] = [round(v, 4) for v in values]
@@ -261,8 +317,14 @@ def run(workload: str, artifacts: str | Path, steps: int | None = None, extra: l
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("workload", choices=sorted(WORKLOADS))
-    ap.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="workload dir built by workload.py")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's, 30)")
+    ap.add_argument(
+        "--artifacts",
+        default=None,
+        help="workload dir built by ../shared/bench/workload.py (real_*: by benchmarks/real.py build); "
+        "default: ../shared/bench/artifacts (real_*: benchmarks/real_artifacts)",
+    )
+    ap.add_argument("--length", type=int, default=None, help="real_* workloads: sequence length 128 | 256 | 512")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args, extra = ap.parse_known_args(argv)  # anything else is passed to the CLI, e.g. --trainer.max_steps=5
     extra = [a for a in extra if a != "--"]
@@ -270,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    result = run(args.workload, args.artifacts, args.steps, extra)
+    result = run(args.workload, args.artifacts, args.steps, extra, args.length)
     sys.stderr.flush()
     sys.stdout.flush()
     print(json.dumps(result), flush=True)
