@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from src.data import tiny
@@ -36,6 +37,8 @@ def load_causal_lm(
             cfg = LlamaConfig(**{**tiny.TINY_MODEL_CONFIG, **(model_config or {}), **kwargs})
             return getattr(transformers, auto_class).from_config(cfg)
         return tiny.build_model(model_config, attn_implementation)
+    if model_config:
+        rank_zero_info(f"model_config {model_config} applies to the tiny model only: {name_or_path} is loaded as saved")
     if not Path(name_or_path).exists():
         if name_or_path.startswith(("/", ".", "~")):
             raise FileNotFoundError(f"{what} path {name_or_path!r} does not exist")

@@ -220,3 +220,43 @@ def test_fit_summary_shows_a_held_out_greedy_completion_before_and_after(tmp_pat
     with caplog.at_level("INFO"):
         trainer, _ = fit(RewardModel(), steps=1)
     assert greedy_sample(trainer, trainer.lightning_module) is None and "greedy completion" not in caplog.text
+
+
+def test_fit_summary_counts_held_out_exact_matches_like_one_prompt_at_a_time(caplog):
+    """``fit_summary.exact_match`` (the SFT default's copy accuracy): a policy that memorised 8 training rows is shown
+    them as held-out prompts beside 8 it never saw; the batched, left-padded count equals greedy generation of one
+    unpadded prompt at a time, and the start -> end line is printed."""
+    from lightning import Trainer
+
+    from src.callbacks.summary import exact_matches
+    from src.data import AlignmentDataModule
+    from src.data.datamodule import RowDataset
+    from src.modules.sft import SFT
+    from src.rollout import SamplingConfig, generate
+
+    torch.manual_seed(0)
+    dm = AlignmentDataModule(kind="sft", batch_size=8, tiny_rows=64, shuffle=False, val_size=0.25)
+    module = SFT(optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), lr_scheduler="constant", warmup_steps=0)
+    trainer = Trainer(
+        max_steps=80, limit_train_batches=1, limit_val_batches=0, gradient_clip_val=1.0, accelerator="cpu",
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[FitSummary(exact_match=16, generation=False)],
+    )  # fmt: skip
+    with caplog.at_level("INFO"):
+        trainer.fit(module, dm)
+    end, n_val = exact_matches(trainer, module, 16)
+    assert f"held-out greedy completions equal to the data's: 0/{n_val} at the start -> {end}/{n_val}" in caplog.text
+    seen, unseen = dm.train_set.rows[:8], dm.val_set.rows[:8]
+    dm.val_set = RowDataset(unseen[:4] + seen + unseen[4:])
+    tok = dm.tokenizer
+    alone = 0
+    for row in dm.val_set.rows:
+        ids = torch.tensor([row["prompt_ids"]])
+        out = generate(
+            module.model, ids, torch.ones_like(ids), SamplingConfig(len(row["completion_ids"]) + 4, temperature=0.0),
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
+        text = tok.decode(out.completion_ids[0], skip_special_tokens=True).strip()
+        alone += text == tok.decode(row["completion_ids"], skip_special_tokens=True).strip()
+    hits, n = exact_matches(trainer, module, 16)
+    assert n == 16 and hits == alone and alone >= 6, (hits, alone)  # the memorised rows copy, the others mostly not

@@ -87,12 +87,17 @@ class FitSummary(Callback):
     back to ``trainer.callback_metrics``. Values stay on the device until the end of training (no per-step host
     sync); under ``torch.distributed`` the per-step sums and counts are all-reduced once then, so the summary is of
     all ranks' samples.
+
+    ``exact_match: N`` (> 0) also counts, before and after training, how many of the first ``N`` held-out prompts the
+    policy completes greedily with exactly the data's completion (the SFT default's copy accuracy); 0 skips it.
     """
 
-    def __init__(self, window: int = 10, generation: bool = True) -> None:
+    def __init__(self, window: int = 10, generation: bool = True, exact_match: int = 0) -> None:
         self.window = window
         self.generation = generation
+        self.exact_match = exact_match
         self._sample: dict[str, Any] | None = None  # the held-out prompt and its greedy completion at the start
+        self._matches: tuple[int, int] | None = None  # (hits, prompts) at the start
         self._values: dict[str, list[Tensor]] = {}  # per optimizer step: (sum, count)
         self._step = MetricWindow()  # the current optimizer step's micro-batches
         self._last_step = -1
@@ -112,6 +117,7 @@ class FitSummary(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._sample = greedy_sample(trainer, pl_module) if self.generation else None
+        self._matches = exact_matches(trainer, pl_module, self.exact_match) if self.exact_match > 0 else None
         self._last_step = trainer.global_step
         self._first_step = None  # the global step of the first recorded step (31 when resuming after step 30)
         self._step.clear()
@@ -189,6 +195,9 @@ class FitSummary(Callback):
             val_key = "val/" + key.split("/", 1)[1]
             if val_key in trainer.callback_metrics:
                 lines.append(f"  {val_key}: {float(trainer.callback_metrics[val_key]):.4f} (last validation)")
+        if self._matches is not None and (after := exact_matches(trainer, pl_module, self.exact_match)) is not None:
+            (a, n), (b, _) = self._matches, after
+            lines.append(f"  held-out greedy completions equal to the data's: {a}/{n} at the start -> {b}/{n}")
         if self._sample is not None:
             before, after = self._sample, greedy_sample(trainer, pl_module, self._sample)
             lines.append(f"  greedy completion of the {before['source']} prompt {before['prompt']!r}:")
@@ -238,6 +247,39 @@ def greedy_sample(trainer: Trainer, pl_module: LightningModule, like: dict[str, 
     )
     completion = tok.decode(out.completion_ids[0], skip_special_tokens=True)
     return {**like, "step": trainer.global_step, "completion": completion}
+
+
+@torch.no_grad()
+def exact_matches(trainer: Trainer, pl_module: LightningModule, n: int, batch_size: int = 32) -> tuple[int, int] | None:
+    """How many of the first ``n`` held-out prompts (rows with a target: ``completion_ids`` or ``chosen_ids``) the
+    policy completes greedily with exactly the target's text, as ``(hits, prompts)``; ``None`` without a validation
+    set, an LM head or targets. Prompts run left-padded in batches of ``batch_size``, up to the longest target + 4
+    new tokens; every rank generates, as in :func:`greedy_sample`."""
+    from src.logprobs import has_lm_head
+    from src.rollout import SamplingConfig, generate
+
+    dm, model = trainer.datamodule, getattr(pl_module, "model", None)
+    tok, ds = getattr(dm, "tokenizer", None), getattr(dm, "val_set", None)
+    if model is None or tok is None or ds is None or not has_lm_head(model):
+        return None
+    rows = [ds[i] for i in range(min(n, len(ds)))]
+    pairs = [(r["prompt_ids"], r.get("chosen_ids", r.get("completion_ids"))) for r in rows]
+    pairs = [(list(p), t) for p, t in pairs if t is not None]
+    hits = 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        width = max(len(p) for p, _ in chunk)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p, _ in chunk], device=pl_module.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in chunk], device=pl_module.device)
+        sampling = SamplingConfig(max_new_tokens=max(len(t) for _, t in chunk) + 4, temperature=0.0)
+        out = generate(
+            model, ids, mask, sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            accel=getattr(pl_module, "accel", None),
+        )  # fmt: skip
+        texts = tok.batch_decode(out.completion_ids, skip_special_tokens=True)
+        targets = tok.batch_decode([t for _, t in chunk], skip_special_tokens=True)
+        hits += sum(a.strip() == b.strip() for a, b in zip(texts, targets))
+    return (hits, len(pairs)) if pairs else None
 
 
 def outputs_of(trainer: Trainer) -> dict[str, str]:
