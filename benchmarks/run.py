@@ -190,16 +190,15 @@ def step_stats(step_times: list[float]) -> dict[str, float]:
     )
 
 
-def environment_info() -> dict[str, Any]:
-    import lightning
-    import torch
-    import transformers
+def environment_info(packages: tuple[str, ...] = ("torch", "lightning", "transformers")) -> dict[str, Any]:
+    """Python, the versions of ``packages``, torch's threads and the CPU (both runners record it)."""
+    import importlib
 
-    info: dict[str, Any] = dict(
-        python=platform.python_version(),
-        torch=torch.__version__,
-        lightning=lightning.__version__,
-        transformers=transformers.__version__,
+    import torch
+
+    info: dict[str, Any] = dict(python=platform.python_version())
+    info.update({name: importlib.import_module(name).__version__ for name in packages})
+    info.update(
         torch_threads=torch.get_num_threads(),
         torch_interop_threads=torch.get_num_interop_threads(),
         cpu_count=os.cpu_count(),

@@ -9,8 +9,9 @@ Prints one JSON line (the last line of stdout) with the keys of ``benchmarks/run
 tokens of every sampled sequence) / ``train_wall_s``, step times from ``on_step_begin`` to ``on_step_end``,
 ``peak_rss_mib`` = ``ru_maxrss``. The hyper-parameters are ``benchmarks/real.py``'s ``DPO_SPEC`` / ``GRPO_SPEC``.
 
-Stand-alone: it needs neither ``../shared/bench`` nor the project's ``src`` (only ``benchmarks/real.py``, which
-imports no torch), so the TRL process loads nothing of ours.
+Stand-alone: it needs neither ``../shared/bench`` nor the project's ``src`` (only ``benchmarks/real.py`` for the spec
+and ``benchmarks/run.py``'s step statistics and environment record, both importing nothing at module level beyond
+the standard library), so the TRL process loads none of the code it is compared with.
 
 One adjustment, DPO only: for chat rows TRL tokenizes ``template(prompt + chosen)`` and keeps everything after the
 prompt, i.e. the template's ``"\\n"`` after the assistant's ``<|im_end|>`` too; ours ends a completion at the EOS
@@ -35,10 +36,8 @@ for _k, _v in {
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -57,6 +56,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer  # noqa: E402
 
 from benchmarks import real  # noqa: E402
+from benchmarks.run import environment_info, step_stats  # noqa: E402
 
 
 def peak_rss_mib() -> float:
@@ -75,39 +75,6 @@ class StepTimer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw) -> None:
         self.step_times.append(time.perf_counter() - self._t)
-
-
-def step_stats(step_times: list[float]) -> dict[str, float]:
-    if not step_times:
-        return {}
-    steady = step_times[1:] if len(step_times) > 1 else step_times
-    return dict(
-        first_step_s=round(step_times[0], 4),
-        median_step_s=round(statistics.median(step_times), 4),
-        median_step_s_excl_first=round(statistics.median(steady), 4),
-    )
-
-
-def environment_info() -> dict[str, Any]:
-    import transformers
-    import trl
-
-    info: dict[str, Any] = dict(
-        python=platform.python_version(),
-        torch=torch.__version__,
-        transformers=transformers.__version__,
-        trl=trl.__version__,
-        torch_threads=torch.get_num_threads(),
-        torch_interop_threads=torch.get_num_interop_threads(),
-        cpu_count=os.cpu_count(),
-        machine=platform.machine(),
-    )
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return info
 
 
 def _cut_after_eos(ids: list[int], eos: int) -> list[int]:
@@ -328,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
             kl=[round(x, 5) for x in trainer.bench_metrics["kl"]],
             completion_mean_length=[round(x, 2) for x in trainer.bench_metrics["completions/mean_length"]],
         )
-    result.update(environment_info())
+    result.update(environment_info(("torch", "transformers", "trl")))
     shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     sys.stderr.flush()
     sys.stdout.flush()
