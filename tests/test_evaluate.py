@@ -127,6 +127,7 @@ def test_test_reports_accuracy_and_pass_at_k_of_an_answer_checked_reward():
     assert got["win_rate"] == pytest.approx((5 + 0.5 * 7) / 12)
 
 
+@pytest.mark.slow  # two spawned processes (~10 s): the default tier stays under 5 minutes on 2 cores
 def test_predict_under_two_process_ddp_writes_each_prompt_once(tmp_path):
     prompts = write_prompts(tmp_path / "heldout.jsonl", [{"prompt": f"pemo {i}"} for i in range(7)])
     env = fresh_env(OMP_NUM_THREADS="1")

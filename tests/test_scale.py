@@ -113,6 +113,7 @@ def test_export_merges_lora(run_cli, tmp_path):
         )
 
 
+@pytest.mark.slow  # two spawned processes (~10 s): the default tier stays under 5 minutes on 2 cores
 def test_export_consolidates_a_fsdp_sharded_checkpoint(run_cli, tmp_path):
     """A checkpoint directory in the layout Lightning's ``FSDPStrategy(state_dict_type="sharded")`` writes (its own
     ``_distributed_checkpoint_save`` + ``meta.pt``; FSDP itself does not run on CPU) exports from a fresh process."""
