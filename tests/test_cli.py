@@ -174,6 +174,18 @@ def test_missing_model_names_the_download_switch(run_cli):
     assert "someone/no-such-model" in str(e.value) and "HF_HUB_OFFLINE=0" in str(e.value)
 
 
+def test_model_config_with_a_saved_model_is_reported_not_silently_dropped(tmp_path, caplog):
+    """``model_config`` shapes the tiny model only: given with a saved checkpoint, the model loads as saved and the
+    log says the overrides were not applied."""
+    from src.models import load_causal_lm
+
+    load_causal_lm("tiny").save_pretrained(tmp_path / "m")
+    with caplog.at_level("INFO"):
+        model = load_causal_lm(str(tmp_path / "m"), model_config={"num_hidden_layers": 2})
+    assert model.config.num_hidden_layers == load_causal_lm("tiny").config.num_hidden_layers != 2
+    assert "applies to the tiny model only" in caplog.text and str(tmp_path / "m") in caplog.text
+
+
 def test_wandb_overlay_keeps_logs_under_the_job(run_cli, tmp_path):
     cli = run_cli(["fit", "--config", "dpo.yaml", "--config", "logger/wandb.yaml", *FAST])
     csv_dir, wandb = (Path(lg.log_dir if i == 0 else lg.save_dir) for i, lg in enumerate(cli.trainer.loggers))
