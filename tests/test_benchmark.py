@@ -25,6 +25,7 @@ KEYS = {
     not (ARTIFACTS / "model").exists() or not (ARTIFACTS / "dpo_pairs.jsonl").exists(),
     reason=f"benchmark workload not built at {ARTIFACTS} (python ../shared/bench/workload.py --out DIR)",
 )
+@pytest.mark.slow  # a fresh process loading the CLI (~8 s): the default tier stays under 5 minutes on 2 cores
 def test_run_dpo_two_steps_through_the_cli():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "dpo", "--artifacts", str(ARTIFACTS), "--steps", "2"],
