@@ -21,42 +21,33 @@ sides score the same tokens (``L`` per sequence) and the per-step losses compare
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-
-for _k, _v in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "WANDB_MODE": "disabled",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "DISABLE_MLFLOW_INTEGRATION": "TRUE",
-}.items():
-    os.environ.setdefault(_k, _v)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
 
 t_script0 = time.perf_counter()
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# benchmarks.run sets the offline / no-telemetry environment at import, before torch, transformers and TRL load
+from benchmarks import real  # noqa: E402
+from benchmarks.run import environment_info, step_stats  # noqa: E402
+
+os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer  # noqa: E402
-
-from benchmarks import real  # noqa: E402
-from benchmarks.run import environment_info, step_stats  # noqa: E402
 
 
 def peak_rss_mib() -> float:
