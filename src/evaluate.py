@@ -153,13 +153,13 @@ class Evaluation(BasePredictionWriter):
             raise ValueError(f"{type(pl_module).__name__} has no language-model head: {stage} generates completions")
         if getattr(pl_module, "tokenizer", None) is None:
             pl_module.tokenizer = trainer.datamodule.tokenizer
-        funcs = self.reward_funcs
+        funcs = [self.reward_funcs] if isinstance(self.reward_funcs, str) else self.reward_funcs
         if self.reward_model_path is not None:
             judge = RewardModelScorer(self.reward_model_path, device=pl_module.device)
             judge.name = "reward_model"  # test/rewards/reward_model/mean
-            funcs = [judge] if funcs is None else [*([funcs] if isinstance(funcs, str) else funcs), judge]
+            funcs = [*(funcs or []), judge]
         if funcs is not None:
-            n, weights = len([funcs] if isinstance(funcs, str) else funcs), self.reward_weights
+            weights, n = self.reward_weights, len(funcs)
             if weights is not None and len(weights) != n:
                 judges = "eval.reward_funcs" + (" and eval.reward_model_path" if self.reward_model_path else "")
                 raise ValueError(f"eval.reward_weights has {len(weights)} weights for the {n} judges of {judges}")

@@ -255,6 +255,7 @@ def exact_matches(trainer: Trainer, pl_module: LightningModule, n: int, batch_si
     policy completes greedily with exactly the target's text, as ``(hits, prompts)``; ``None`` without a validation
     set, an LM head or targets. Prompts run left-padded in batches of ``batch_size``, up to the longest target + 4
     new tokens; every rank generates, as in :func:`greedy_sample`."""
+    from src.data.collate import left_pad
     from src.logprobs import has_lm_head
     from src.rollout import SamplingConfig, generate
 
@@ -264,13 +265,11 @@ def exact_matches(trainer: Trainer, pl_module: LightningModule, n: int, batch_si
         return None
     rows = [ds[i] for i in range(min(n, len(ds)))]
     pairs = [(r["prompt_ids"], r.get("chosen_ids", r.get("completion_ids"))) for r in rows]
-    pairs = [(list(p), t) for p, t in pairs if t is not None]
+    pairs = [(p, t) for p, t in pairs if t is not None]
     hits = 0
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        width = max(len(p) for p, _ in chunk)
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p, _ in chunk], device=pl_module.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in chunk], device=pl_module.device)
+        ids, mask = (x.to(pl_module.device) for x in left_pad([p for p, _ in chunk], tok.pad_token_id))
         sampling = SamplingConfig(max_new_tokens=max(len(t) for _, t in chunk) + 4, temperature=0.0)
         out = generate(
             model, ids, mask, sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

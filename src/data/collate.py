@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 
 def long_tensor(values: Any) -> torch.Tensor:
@@ -113,6 +114,17 @@ class UnpairedCollator:
         }
 
 
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Token lists -> ``[N, P]`` left-padded ids and the mask (1 on real tokens), as ``generate`` takes them."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
 class PromptCollator:
     """Prompt rows -> left-padded ``prompt_ids`` / ``prompt_mask`` for generation, plus text and extra columns."""
 
@@ -120,13 +132,7 @@ class PromptCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        width = max(len(r["prompt_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["prompt_ids"])
-            ids[i, width - n :] = torch.tensor(r["prompt_ids"], dtype=torch.long)
-            mask[i, width - n :] = 1
+        ids, mask = left_pad([r["prompt_ids"] for r in rows], self.pad_token_id)
         columns = {k: [r["columns"][k] for r in rows] for k in rows[0]["columns"]}
         return {
             "prompt_ids": ids,
