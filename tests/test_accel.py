@@ -284,7 +284,10 @@ def test_tune_malloc_sets_glibc_thresholds_unless_the_user_chose(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
     assert runtime.tune_malloc() is True
-    assert calls == [(-3, 64 << 20), (-1, 256 << 20), (-2, 64 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
+    assert calls == [(-3, 1 << 30), (-1, 1 << 30), (-2, 64 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
+    calls.clear()
+    monkeypatch.setattr(FakeLibc, "mallopt", lambda self, p, v: calls.append((p, v)) or int(p != -3))
+    assert runtime.tune_malloc() is False and len(calls) == 3  # a refused threshold does not skip the others
     calls.clear()
     monkeypatch.setenv("ALIGN_MALLOC", "default")
     assert runtime.tune_malloc() is False and calls == []

@@ -13,8 +13,12 @@ runs the same computation with plain torch ops on the model's own weights:
 * RoPE with ``cos``/``sin`` from the model's own ``rotary_emb`` (so any rope scaling it implements is kept),
   precomputed for every decode position;
 * ``scaled_dot_product_attention`` over a preallocated ``[B, KV, capacity, D]`` key/value buffer, filled from the
-  prefill cache, with the padding mask of each row;
-* SwiGLU MLP, final norm, LM head on the new position only.
+  prefill cache, with the padding mask of each row; with grouped-query attention the query heads of a KV head are
+  its query rows (no per-head copies of the keys and values);
+* SwiGLU MLP, final norm, LM head on the new position only;
+* every projection as ``(W @ x^T)^T``: the same dot products as ``F.linear``, but MKL's kernel for a few rows
+  streams the weight ~1.7x faster in that orientation (CPU, 2 threads, SmolLM2-135M, 8 rows: 74 -> 44 ms of
+  projections and LM head per step; 64 tokens for 2 x 4 rows 6.25 -> 4.45 s with the attention change).
 
 Only architectures whose decoder layer is exactly that are accepted (``model_type`` in :data:`SUPPORTED`, plain
 ``nn.Linear`` projections, ``silu``, full attention, no q/k norms, no logit scaling); :meth:`FastDecoder.build`
@@ -42,6 +46,12 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` for the few rows of a decode step, as ``(W @ x^T)^T``."""
+    y = torch.mm(weight, x.t()).t()
+    return y if bias is None else y + bias
 
 
 def _cat_linear(layers: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
@@ -153,7 +163,6 @@ class FastDecoder:
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         self.cos = cos.transpose(0, 1).unsqueeze(2).contiguous()
         self.sin = sin.transpose(0, 1).unsqueeze(2).contiguous()
-        self.gqa = self.n_kv != self.n_heads
 
     @classmethod
     def build(
@@ -187,32 +196,33 @@ class FastDecoder:
         end = pos + 1
         b = tokens.shape[0]
         h_heads, kv_heads, d = self.n_heads, self.n_kv, self.head_dim
-        qk_heads = h_heads + kv_heads
+        qk_heads, group = h_heads + kv_heads, h_heads // kv_heads
         cos, sin = self.cos[t], self.sin[t]  # [B, 1, D]
         mask = self.mask[..., :end]
         x = F.embedding(tokens, self.embed)  # [B, H]
         for L in self.layers:
             h = _rms_norm(x, L["ln1"], self.eps)
-            qkv = F.linear(h, L["qkv_w"], L["qkv_b"]).view(b, qk_heads + kv_heads, d)
+            qkv = _linear(h, L["qkv_w"], L["qkv_b"]).view(b, qk_heads + kv_heads, d)
             qk = qkv[:, :qk_heads]
             swapped = qk.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
             qk = qk * cos + swapped * sin  # RoPE on q and k at once
             L["k"][:, :, pos] = qk[:, h_heads:]
             L["v"][:, :, pos] = qkv[:, qk_heads:]
+            # the query heads of one KV head as its "query rows" (head h reads KV head h // group, as repeat_kv does):
+            # one kernel over the buffers, no copies of K/V per query head
             attn = F.scaled_dot_product_attention(
-                qk[:, :h_heads].unsqueeze(2),
+                qk[:, :h_heads].reshape(b, kv_heads, group, d),
                 L["k"][:, :, :end],
                 L["v"][:, :, :end],
                 attn_mask=mask,
                 scale=self.scale,
-                enable_gqa=self.gqa,
             )
-            x = x + F.linear(attn.view(b, h_heads * d), L["o_w"], L["o_b"])
+            x = x + _linear(attn.reshape(b, h_heads * d), L["o_w"], L["o_b"])
             h = _rms_norm(x, L["ln2"], self.eps)
-            gate, up = F.linear(h, L["gu_w"], L["gu_b"]).split(self.intermediate, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, L["down_w"], L["down_b"])
+            gate, up = _linear(h, L["gu_w"], L["gu_b"]).split(self.intermediate, dim=-1)
+            x = x + _linear(F.silu(gate) * up, L["down_w"], L["down_b"])
         self.filled = end
-        return F.linear(_rms_norm(x, self.final_norm, self.eps), self.lm_head, self.lm_bias)
+        return _linear(_rms_norm(x, self.final_norm, self.eps), self.lm_head, self.lm_bias).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------- growing_cache
