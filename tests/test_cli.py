@@ -63,6 +63,7 @@ def test_export_from_a_fresh_process(run_cli, tmp_path, job, prompt_batch):
     assert torch.equal(greedy(loaded, batch), greedy(module.model, batch))
 
 
+@pytest.mark.slow  # a fresh `python -m src` process (~6-8 s): the default tier stays under 5 minutes
 def test_export_rejects_a_checkpoint_of_another_project(tmp_path):
     ckpt = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "their_pkg.Model"}}, ckpt)

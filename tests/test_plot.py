@@ -40,6 +40,7 @@ def test_every_default_fit_draws_its_curves(run_cli, config):
     assert len(titles) == len(set(titles))  # one panel per curve family
 
 
+@pytest.mark.slow  # a fresh `python -m src` process (~6-8 s): the default tier stays under 5 minutes
 def test_plot_command_from_its_own_process(tmp_path):
     run = tmp_path / "runs" / "job" / "version_0"
     run.mkdir(parents=True)
@@ -68,6 +69,10 @@ def test_plot_errors_name_the_path(tmp_path):
     (tmp_path / "metrics.csv").write_text("epoch,step,foo\n0,0,1\n")
     with pytest.raises(ValueError, match="metrics.csv: none of its columns"):
         plot_run(tmp_path)
+
+
+@pytest.mark.slow  # a fresh `python -m src` process (~6-8 s): the default tier stays under 5 minutes
+def test_plot_command_names_a_missing_run_directory(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "src", "plot", str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True
     )

@@ -68,6 +68,7 @@ def test_every_readme_command_is_known():
     assert sum(c.startswith("python -m src") for c, _ in COMMANDS) >= 10  # the parser found the blocks
 
 
+@pytest.mark.slow  # a fresh `python -m src` process (~6-8 s): the default tier stays under 5 minutes
 def test_a_broken_readme_command_fails(tmp_path):
     """The check can fail: a misspelt option in a README-style block is caught (one line, exit code 2)."""
     ((command, needs),) = readme_commands(

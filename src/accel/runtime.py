@@ -8,8 +8,8 @@ scaler. Measured on CPU: clip 1.7 -> 0.4 ms per benchmark DPO step.
 ``malloc``: glibc ``mallopt`` settings for CPU training loops (mmap and trim thresholds 1 GiB, top pad 64 MiB), so
 large activation and gradient buffers stay in the heap instead of being ``mmap``-ed and unmapped every step. Measured
 on CPU only (tiny benchmark: page faults per DPO run 270K -> 160K, DPO step -4.5%, GRPO -7%; SmolLM2-135M, whose
-``[49,152, 576]`` embedding gradients are 108 MiB: page faults per DPO step 50-170K -> under 6K); applied when a CPU
-fit starts, never at import.
+``[49,152, 576]`` embedding gradients are 108 MiB: page faults per DPO step 40-170K -> under 17K, step time within
+this VM's noise); applied when a CPU fit starts, never at import.
 """
 
 from __future__ import annotations
