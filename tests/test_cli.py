@@ -30,7 +30,7 @@ def greedy(model, batch, n: int = 6) -> torch.Tensor:
 
 
 JOBS = [
-    pytest.param("dpo", id="dpo"),
+    pytest.param("dpo", id="dpo", marks=pytest.mark.slow),  # ~9 s each: every job runs in the slow tier (CI)
     pytest.param("sft", id="sft", marks=pytest.mark.slow),
     pytest.param("rm", id="rm", marks=pytest.mark.slow),
     pytest.param("grpo", id="grpo", marks=pytest.mark.slow),

@@ -15,7 +15,11 @@ import pytest
 from tests.conftest import CONFIGS, FAST
 
 NOT_HERE = {"bench", "papers", "sweeps"}  # sub-folders tested elsewhere (see the module docstring)
-JOBS = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "smoke.yaml")
+# distill.yaml trains its teacher first (~8 s): slow tier, so the default tier stays under 5 minutes
+JOBS = [
+    pytest.param(name, marks=pytest.mark.slow) if name == "distill.yaml" else name
+    for name in sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "smoke.yaml")
+]
 OVERLAYS = sorted(
     str(p.relative_to(CONFIGS))
     for p in CONFIGS.rglob("*.yaml")
