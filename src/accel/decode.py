@@ -17,7 +17,7 @@ runs the same computation with plain torch ops on the model's own weights:
   its query rows (no per-head copies of the keys and values);
 * SwiGLU MLP, final norm, LM head on the new position only;
 * every projection as ``(W @ x^T)^T``: the same dot products as ``F.linear``, but MKL's kernel for a few rows
-  streams the weight ~1.7x faster in that orientation (CPU, 2 threads, SmolLM2-135M, 8 rows: 74 -> 44 ms of
+  streams the weight ~1.7x faster in that orientation (CPU, 2 threads, SmolLM2-135M shapes, 8 rows: 74 -> 44 ms of
   projections and LM head per step; 64 tokens for 2 x 4 rows 6.25 -> 4.45 s with the attention change).
 
 Only architectures whose decoder layer is exactly that are accepted (``model_type`` in :data:`SUPPORTED`, plain
