@@ -338,6 +338,26 @@ def test_fast_decode_matches_hf_forward(model, prompts, variant, cfg):
     assert FastDecoder.build(m, cache, full, mask.sum(1, keepdim=True) + torch.arange(4), 1) is not None
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_decode_projection_matches_linear(bias, rows):
+    """A decode projection (oneDNN over a prepacked weight where torch has oneDNN, else ``(W @ x^T)^T``) computes
+    ``F.linear`` to fp32 rounding, q|k|v concatenated ones too; on a torch with oneDNN the packed path is taken."""
+    from src.accel.decode import Projection
+
+    torch.manual_seed(0)
+    lins = [nn.Linear(96, out, bias=bias) for out in (64, 32, 32)]
+    x = torch.randn(rows, 96)
+    single, fused = Projection(lins[0].weight, lins[0].bias, rows), Projection.concat(lins, rows)
+    with torch.inference_mode():
+        torch.testing.assert_close(single(x), lins[0](x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused(x), torch.cat([lin(x) for lin in lins], -1), atol=1e-5, rtol=1e-5)
+        assert single.packed == fused.packed == torch.backends.mkldnn.is_available()
+        plain = Projection(lins[0].weight.double(), None, rows)  # not fp32: the (W @ x^T)^T path
+        assert not plain.packed
+        torch.testing.assert_close(plain(x.double()), x.double() @ lins[0].weight.double().T)
+
+
 @pytest.mark.parametrize("cfg", [dict(temperature=0.0), dict(temperature=1.0, num_generations=3)])
 def test_growing_cache_matches_the_plain_cache(model, prompts, cfg, monkeypatch):
     """KV layers that append into a preallocated buffer give the same tokens and log-probs as transformers' cache."""
