@@ -15,12 +15,14 @@ the head, a sharded weight, soft-capped logits) and callers that need the logits
 distillation's divergences) use :func:`completion_logits` and :func:`logps_from_logits`: the same values.
 
 ``accel`` (an :class:`src.accel.Accel`, or ``None``) may replace the one forward by a faster layout that returns the
-same ``[N, H]`` states (prefix sharing, packed rows, length groups; see ``src/accel/``). With ``accel: off`` or on any
-model or device where those are not verified, this file is the whole computation.
+same ``[N, H]`` states (prefix sharing, packed rows, length groups; see ``src/accel/``) and run the linear layers of
+these forwards by another kernel (oneDNN on CPU). With ``accel: off`` or on any model or device where those are not
+verified, this file is the whole computation.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -64,11 +66,11 @@ def completion_hidden(
     """Hidden states ``[N, H]`` of the N positions that predict a completion token, and that ``[B, T-1]`` selector
     (a value head reads the same states as the LM head). ``accel`` may compute the same states faster."""
     target = completion_mask[:, 1:].bool()
-    if accel is not None:
-        states = accel.completion_hidden(model, input_ids, attention_mask, completion_mask)
-        if states is not None:
-            return states, target
-    return decoder_hidden(model, input_ids, attention_mask)[:, :-1][target], target
+    with nullcontext() if accel is None else accel.linears():
+        states = None if accel is None else accel.completion_hidden(model, input_ids, attention_mask, completion_mask)
+        if states is None:
+            states = decoder_hidden(model, input_ids, attention_mask)[:, :-1][target]
+    return states, target
 
 
 def head_is_last(inner: nn.Module) -> bool:
@@ -163,5 +165,6 @@ def completion_logps(
     if linear_head(model) is None:  # a head that is more than a plain linear layer: its [N, V] logits
         logits, target = completion_logits(model, input_ids, attention_mask, completion_mask, accel)
         return logps_from_logits(logits, input_ids, target, **kw)
-    hidden, target = completion_hidden(model, input_ids, attention_mask, completion_mask, accel)
-    return logps_from_hidden(model, hidden, input_ids, target, **kw)
+    with nullcontext() if accel is None else accel.linears():  # the fused head's matmul too
+        hidden, target = completion_hidden(model, input_ids, attention_mask, completion_mask, accel)
+        return logps_from_hidden(model, hidden, input_ids, target, **kw)

@@ -232,7 +232,10 @@ def test_packed_rows_refuse_a_model_that_ignores_the_attention_interface(model, 
 # --------------------------------------------------------------------------------------------- the switch itself
 def test_auto_turns_on_only_what_was_measured_for_the_device_and_family():
     llama = load_causal_lm("tiny")
-    assert Accel.resolve("auto", llama, "cpu").features == frozenset(FEATURES)
+    # onednn_linear from hidden size 512 (slower on the tiny model, faster on SmolLM2-135M)
+    assert Accel.resolve("auto", llama, "cpu").features == frozenset(FEATURES) - {"onednn_linear"}
+    wide = type("Wide", (torch.nn.Module,), {"config": type("C", (), {"model_type": "llama", "hidden_size": 576})()})
+    assert Accel.resolve("auto", wide(), "cpu").features == frozenset(FEATURES)
     assert Accel.resolve("off", llama, "cpu").features == frozenset()
     assert Accel.resolve(None, llama, "cpu").features == frozenset()
     assert Accel.resolve("auto", llama, "cuda").features == frozenset()  # nothing measured on a GPU yet
@@ -242,10 +245,72 @@ def test_auto_turns_on_only_what_was_measured_for_the_device_and_family():
         config = type("Config", (), {"model_type": "gemma2"})()
 
     assert Accel.resolve("auto", OtherFamily(), "cpu").features == {"growing_cache", "clip_with_norm", "malloc"}
+    OtherFamily.config.hidden_size = 2048
+    assert Accel.resolve("auto", OtherFamily(), "cpu").features == {
+        "growing_cache",
+        "onednn_linear",
+        "clip_with_norm",
+        "malloc",
+    }
     # a list is taken as given (each path still checks that it applies)
     assert Accel.resolve(["packed_rows", "prefix_sharing"], llama, "cuda").features == {"packed_rows", "prefix_sharing"}
     with pytest.raises(ValueError, match="unknown feature.*'packd_rows'"):
         Accel.resolve(["packd_rows"], llama, "cpu")
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_onednn_linear_equals_f_linear_forward_and_backward():
+    """OneDnnLinear gives F.linear's outputs and gradients (x, W, b) to fp32 rounding; the mode routes nn.Linear
+    through it for fp32 CPU tensors and leaves float64 and autocast to F.linear."""
+    from src.accel import onednn
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 160)
+    x = torch.randn(3, 7, 96, requires_grad=True)
+    g = torch.randn(3, 7, 160)
+    y_plain = lin(x)
+    grads_plain = torch.autograd.grad(y_plain, [x, lin.weight, lin.bias], g)
+    calls = []
+    real_apply = onednn.OneDnnLinear.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onednn.OneDnnLinear, "apply", lambda *a: calls.append(1) or real_apply(*a))
+        with onednn.LinearMode():
+            y = lin(x)
+            y64 = torch.nn.Linear(96, 160).double()(x.detach().double())  # float64: F.linear
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y_bf16 = lin(x)  # autocast: F.linear in bf16
+    assert len(calls) == 1
+    assert y64.dtype == torch.float64 and y_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_plain, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(y, [x, lin.weight, lin.bias], g), grads_plain):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_onednn_linear_scores_like_the_plain_path():
+    """completion_logps with onednn_linear (alone and with the packed prefix layout): the plain path's log-probs and
+    gradients to fp32 rounding, the fused LM head's forward included; the mode is not left active afterwards."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    from src.accel import onednn
+
+    torch.manual_seed(0)
+    model = load_causal_lm("tiny")  # float32: oneDNN's dtype
+    ids, attn, comp = _batch(*_layouts()["dpo_4_rows_shared"][:2], left_pad_prompts=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = completion_logps(model, ids, attn, comp)[0]
+    calls = []
+    real_apply = onednn.OneDnnLinear.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onednn.OneDnnLinear, "apply", lambda *a: calls.append(a[1].shape) or real_apply(*a))
+        for features in (["onednn_linear"], ["onednn_linear", "prefix_sharing", "packed_rows", "sparse_last_layer"]):
+            calls.clear()
+            fast = completion_logps(model, ids, attn, comp, accel=Accel(features))[0]
+            torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+            _assert_same_grads(fast, plain, params)
+            layers = model.config.num_hidden_layers
+            assert len(calls) >= 7 * layers and model.lm_head.weight.shape in calls  # every projection and the head
+    assert not _get_current_function_mode_stack()
 
 
 def test_an_unchecked_transformers_version_falls_back_to_the_plain_path(monkeypatch, caplog):

@@ -356,6 +356,10 @@ def test_decode_projection_matches_linear(bias, rows):
         plain = Projection(lins[0].weight.double(), None, rows)  # not fp32: the (W @ x^T)^T path
         assert not plain.packed
         torch.testing.assert_close(plain(x.double()), x.double() @ lins[0].weight.double().T)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: its dtype's matmul, as the model's forward
+            mixed = Projection(lins[0].weight, lins[0].bias, rows)
+            assert not mixed.packed
+            torch.testing.assert_close(mixed(x).float(), lins[0](x).float(), atol=0.05, rtol=0.05)
 
 
 @pytest.mark.parametrize("cfg", [dict(temperature=0.0), dict(temperature=1.0, num_generations=3)])

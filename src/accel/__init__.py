@@ -14,6 +14,7 @@ feature                what it does                                     where it
 ``length_groups``      large batches in length-sorted groups             CPU, Llama
 ``fast_decode``        lean decode loop over a preallocated KV buffer    CPU, Llama / Mistral / Qwen2
 ``growing_cache``      KV cache layers append into a buffer              CPU, any transformers 5 model
+``onednn_linear``      fp32 linear layers of scoring by oneDNN          CPU, any model with hidden size >= 512
 ``clip_with_norm``     clipping reuses the logged gradient norm          CPU, any model
 ``malloc``             glibc allocator settings during a CPU fit         CPU (glibc), any model
 =====================  ===============================================  ======================================
@@ -27,7 +28,9 @@ other version they are dropped with one log line.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -42,18 +45,22 @@ FEATURES = (
     "length_groups",
     "fast_decode",
     "growing_cache",
+    "onednn_linear",
     "clip_with_norm",
     "malloc",
 )
 LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
 # what ``auto`` turns on, per device type: family-independent features, and those measured on the Llama family
-_AUTO_ANY_MODEL = {"cpu": ("growing_cache", "clip_with_norm", "malloc")}
+_AUTO_ANY_MODEL = {"cpu": ("growing_cache", "onednn_linear", "clip_with_norm", "malloc")}
 _AUTO_LLAMA_FAMILY = {"cpu": FEATURES}
 # features that read or subclass private transformers internals, and the major versions they were checked against
 _PRIVATE_TRANSFORMERS = frozenset(
     {"prefix_sharing", "packed_rows", "sparse_last_layer", "fast_decode", "growing_cache"}
 )
 CHECKED_TRANSFORMERS_MAJOR = (5,)
+# ``onednn_linear`` pays per call and per op of the forward: SmolLM2-135M (hidden 576) -7% per DPO step, the tiny
+# benchmark model (hidden 128) +17%; ``auto`` turns it on from this hidden size
+ONEDNN_MIN_HIDDEN = 512
 
 AccelSpec = str | list[str] | tuple[str, ...] | None
 
@@ -75,6 +82,21 @@ def _transformers_major() -> int:
     import transformers
 
     return int(transformers.__version__.split(".")[0])
+
+
+_LOCAL = threading.local()
+
+
+@contextmanager
+def _linear_mode():
+    from src.accel.onednn import LinearMode
+
+    _LOCAL.linears = True
+    try:
+        with LinearMode():
+            yield
+    finally:
+        _LOCAL.linears = False
 
 
 class Accel:
@@ -101,6 +123,8 @@ class Accel:
             chosen = set(_AUTO_ANY_MODEL.get(device.type, ()))
             if family in LLAMA_FAMILY:
                 chosen |= set(_AUTO_LLAMA_FAMILY.get(device.type, ()))
+            if (getattr(getattr(model, "config", None), "hidden_size", 0) or 0) < ONEDNN_MIN_HIDDEN:
+                chosen.discard("onednn_linear")
         else:
             chosen = set(parsed)
         if chosen & _PRIVATE_TRANSFORMERS and _transformers_major() not in CHECKED_TRANSFORMERS_MAJOR:
@@ -137,6 +161,15 @@ class Accel:
         if "length_groups" in self:
             return prefix.grouped_hidden(model, input_ids, attention_mask, completion_mask)
         return None
+
+    def linears(self) -> AbstractContextManager:
+        """The context scoring forwards run in: ``F.linear`` by oneDNN (``onednn_linear``), else nothing. Nested
+        uses enter the mode once."""
+        if "onednn_linear" not in self or getattr(_LOCAL, "linears", False):
+            return nullcontext()
+        from src.accel import onednn
+
+        return _linear_mode() if onednn.available() else nullcontext()
 
     # -- sampling (src/rollout.py) --------------------------------------------------------------------------------
     def decoder(self, model: nn.Module, cache: Any, attn_mask: Tensor, positions: Tensor, repeats: int) -> Any:

@@ -62,8 +62,10 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def _pack(weight: Tensor, rows: int) -> Tensor | None:
     """oneDNN's prepacked copy of an fp32 CPU weight ``[out, in]`` for products with ``rows`` rows, or ``None`` where
-    torch has no oneDNN (or the op is refused)."""
+    torch has no oneDNN (or the op is refused) and under autocast (whose matmuls run in its dtype)."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    if torch.is_autocast_enabled("cpu"):
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
