@@ -105,7 +105,9 @@ def groups(ka: Any, config: Any) -> dict[str, float]:
     """Self CPU time (ms) per operator group; GEMMs by the dimensions of their inputs."""
     vocab, inter = config.vocab_size, config.intermediate_size
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    proj = {config.hidden_size, config.num_key_value_heads * head_dim, config.num_attention_heads * head_dim}
+    kv, heads = config.num_key_value_heads * head_dim, config.num_attention_heads * head_dim
+    proj = {config.hidden_size, kv, heads, heads + 2 * kv}  # q|k|v fused in the decode loop
+    mlp = {inter, 2 * inter}  # gate|up fused in the decode loop
     out: dict[str, float] = defaultdict(float)
     for e in ka:
         name, ms = e.key, e.self_cpu_time_total / 1000
@@ -113,10 +115,11 @@ def groups(ka: Any, config: Any) -> dict[str, float]:
             continue
         dims = {d for shape in (e.input_shapes or []) if isinstance(shape, list) for d in shape}
         low = name.lower()
-        if name.rstrip("_") in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"):
+        gemms = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
+        if name.rstrip("_") in gemms or name == "mkldnn::_linear_pointwise":  # the latter: accel's oneDNN linears
             if vocab in dims or any(d >= 8192 for d in dims):  # TRL's CPU head runs vocabulary tiles of 16-32K
                 out["GEMM: LM head (vocab)"] += ms
-            elif inter in dims:
+            elif dims & mlp:
                 out["GEMM: MLP"] += ms
             elif dims & proj:
                 out["GEMM: attention q/k/v/o"] += ms
