@@ -169,7 +169,7 @@ class Accel:
             return nullcontext()
         from src.accel import onednn
 
-        return _linear_mode() if onednn.available() else nullcontext()
+        return _linear_mode() if onednn.available() and not onednn.several_processes() else nullcontext()
 
     # -- sampling (src/rollout.py) --------------------------------------------------------------------------------
     def decoder(self, model: nn.Module, cache: Any, attn_mask: Tensor, positions: Tensor, repeats: int) -> Any:

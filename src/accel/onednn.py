@@ -8,8 +8,9 @@ trains with (SmolLM2-135M, 384-768 rows, 2 threads of an AVX-512 EPYC: forward `
 :class:`OneDnnLinear`, whose backward computes ``grad_x = g @ W`` and ``grad_W = g^T @ x`` with oneDNN too. Same
 dot products, in another summation order: results agree with ``F.linear`` to fp32 rounding.
 
-The mode is entered around the scoring forwards of ``src/logprobs.py`` (policy and reference); anything else
-(autocast, other dtypes or devices, tensor subclasses, a torch without oneDNN) takes ``F.linear`` as usual. With
+The mode is entered around the scoring forwards of ``src/logprobs.py`` (policy and reference) of a single-process
+job; anything else (autocast, other dtypes or devices, tensor subclasses, a torch without oneDNN, several ranks)
+takes ``F.linear`` as usual. With
 gradient checkpointing the recomputed forward runs outside the mode (plain ``F.linear``), i.e. it may differ from the
 first forward by fp32 rounding.
 """
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["LinearMode", "OneDnnLinear", "available", "linear"]
+__all__ = ["LinearMode", "OneDnnLinear", "available", "linear", "several_processes"]
 
 
 def available() -> bool:
@@ -34,6 +35,12 @@ def available() -> bool:
         return torch.ops.mkldnn._linear_pointwise.default is not None
     except (AttributeError, RuntimeError):
         return False
+
+
+def several_processes() -> bool:
+    """Whether this process is one rank of several (oneDNN's paths stay off there: not measured)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _mm(x: Tensor, w: Tensor) -> Tensor:
