@@ -14,7 +14,7 @@ feature                what it does                                     where it
 ``length_groups``      large batches in length-sorted groups             CPU, Llama
 ``fast_decode``        lean decode loop over a preallocated KV buffer    CPU, Llama / Mistral / Qwen2
 ``growing_cache``      KV cache layers append into a buffer              CPU, any transformers 5 model
-``onednn_linear``      fp32 linear layers of scoring by oneDNN          CPU, any model with hidden size >= 512
+``onednn_linear``      fp32 linear layers of scoring by oneDNN          CPU, one process, hidden size >= 512
 ``clip_with_norm``     clipping reuses the logged gradient norm          CPU, any model
 ``malloc``             glibc allocator settings during a CPU fit         CPU (glibc), any model
 =====================  ===============================================  ======================================
