@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from src.accel.onednn import several_processes
+from src.accel import onednn
 
 __all__ = ["SUPPORTED", "FastDecoder", "Projection", "preallocate_cache"]
 
@@ -67,9 +67,9 @@ def _pack(weight: Tensor, rows: int) -> Tensor | None:
     torch has no oneDNN (or the op is refused), under autocast (whose matmuls run in its dtype) and in a job of
     several processes (not measured there; a 2-process gloo DPO test aborted at exit in 2 of 8 runs with packed
     weights, 0 of 5 without)."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not onednn.available():
         return None
-    if torch.is_autocast_enabled("cpu") or several_processes():
+    if torch.is_autocast_enabled("cpu") or onednn.several_processes():
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
@@ -101,7 +101,7 @@ class Projection:
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return onednn.matmul(x, self.weight, self.bias)
         return _linear(x, self.weight, self.bias)
 
 

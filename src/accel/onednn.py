@@ -10,9 +10,8 @@ dot products, in another summation order: results agree with ``F.linear`` to fp3
 
 The mode is entered around the scoring forwards of ``src/logprobs.py`` (policy and reference) of a single-process
 job; anything else (autocast, other dtypes or devices, tensor subclasses, a torch without oneDNN, several ranks)
-takes ``F.linear`` as usual. With
-gradient checkpointing the recomputed forward runs outside the mode (plain ``F.linear``), i.e. it may differ from the
-first forward by fp32 rounding.
+takes ``F.linear`` as usual. With gradient checkpointing the recomputed forward runs outside the mode (plain
+``F.linear``), i.e. it may differ from the first forward by fp32 rounding.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["LinearMode", "OneDnnLinear", "available", "linear", "several_processes"]
+__all__ = ["LinearMode", "OneDnnLinear", "available", "linear", "matmul", "several_processes"]
 
 
 def available() -> bool:
@@ -43,9 +42,10 @@ def several_processes() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _mm(x: Tensor, w: Tensor) -> Tensor:
-    """``x @ w.T`` for 2-D ``x``, ``w`` (any strides) by oneDNN."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+def matmul(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ w.T + bias`` for 2-D ``x`` and ``w`` (any strides, or ``w`` prepacked by
+    ``torch.ops.mkldnn._reorder_linear_weight``) by oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
 class OneDnnLinear(torch.autograd.Function):
@@ -55,7 +55,7 @@ class OneDnnLinear(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+        y = matmul(x.reshape(-1, x.shape[-1]), weight, bias)
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -63,8 +63,8 @@ class OneDnnLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         need_x, need_w, need_b = ctx.needs_input_grad
-        grad_x = _mm(g, weight.t()).view(x.shape) if need_x else None
-        grad_w = _mm(g.t(), x.reshape(-1, x.shape[-1]).t()) if need_w else None
+        grad_x = matmul(g, weight.t()).view(x.shape) if need_x else None
+        grad_w = matmul(g.t(), x.reshape(-1, x.shape[-1]).t()) if need_w else None
         grad_b = g.sum(0) if ctx.has_bias and need_b else None
         return grad_x, grad_w, grad_b
 
