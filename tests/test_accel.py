@@ -216,6 +216,50 @@ def test_tree_rows_run_packed_without_padding(model, monkeypatch, kind):
     torch.testing.assert_close(rows, padded, rtol=1e-9, atol=1e-9)
 
 
+def test_packed_attention_runs_by_blocks_of_the_tree(monkeypatch):
+    """Per packed row, attention runs the prompt causally and each completion over ``[prompt | itself]``: the same
+    outputs and gradients as one SDPA call over the row's whole prefix-sharing mask, with no scores computed for the
+    blocks where completions would see each other."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    prompt_len, completions = [4, 2], [[1, 5, 3], [2]]  # two packed rows: 4 + 9 and 2 + 2 tokens
+    seg = [[0] * p + [i + 1 for i, n in enumerate(c) for _ in range(n)] for p, c in zip(prompt_len, completions)]
+    n = sum(map(len, seg))
+    q = torch.randn(1, 6, n, 8, generator=g, dtype=torch.float64, requires_grad=True)  # 6 query heads, 2 KV heads
+    k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    bounds, masks, spans, start = [], [], [], 0
+    for s, p, c in zip(seg, prompt_len, completions):
+        t = torch.tensor(s)
+        masks.append((torch.ones(len(s), len(s), dtype=torch.bool).tril() & ((t == 0) | (t[:, None] == t)))[None, None])
+        bounds.append((start, start + len(s)))
+        ends = [p, *(p + sum(c[: i + 1]) for i in range(len(c)))]
+        spans.append(list(zip(ends[:-1], ends[1:])))
+        start += len(s)
+    rows = packed.PackedRows(bounds, masks, prompt_len, spans)
+    scores, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        F,
+        "scaled_dot_product_attention",
+        lambda q_, k_, *a, **kw: scores.append(q_.shape[2] * k_.shape[2]) or sdpa(q_, k_, *a, **kw),
+    )
+    out, _ = packed._packed_sdpa(None, q, k, v, None, scaling=0.3, packed=rows)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    dense = torch.cat(
+        [
+            sdpa(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], attn_mask=m, scale=0.3, enable_gqa=True).transpose(1, 2)
+            for (a, b), m in zip(bounds, masks)
+        ],
+        1,
+    )
+    torch.testing.assert_close(out, dense, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for a, b in zip(grads, torch.autograd.grad(dense.square().sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert sum(scores) == (16 + 1 * 5 + 5 * 9 + 3 * 7) + (4 + 2 * 4)  # prompt^2 + sum c (p + c), not 13^2 + 4^2
+    assert rows.calls == 1
+
+
 def test_packed_rows_refuse_a_model_that_ignores_the_attention_interface(model, monkeypatch):
     """If a model's attention does not dispatch through transformers' AttentionInterface, the packed rows would attend
     across rows: this is detected and raised, never silently computed."""

@@ -92,10 +92,11 @@ def shares_prompts(inner: nn.Module) -> bool:
 # packed_rows the tree rows are packed end to end without padding (src/accel/packed.py), otherwise they are padded
 # and take a 4D mask; "cache": the prompts once, then the
 # completions on their prompt's KV cache (two or more forwards). The tree needs one decoder call instead of several
-# but its attention covers every row's full square, so it is used while that costs at most _TREE_MAX_ATTENTION x the
-# cache layout's attention (padded widths, conservative for packed rows) and its mask stays small (benchmark DPO,
+# but padded tree rows attend over every row's full square, so the tree is used while that costs at most
+# _TREE_MAX_ATTENTION x the cache layout's attention (padded widths) and its mask stays small (benchmark DPO,
 # 8 pairs: 1.4x the attention, -14% step time, then -8 to -11% from packing; GRPO, 4 x 4: 1.9x, -8%; see
-# benchmarks/README.md).
+# benchmarks/README.md). Packed rows attend by blocks (no more work than the cache layout) but keep this rule: GRPO
+# at 4 x 256 tokens on SmolLM2-135M (cache layout) measured within noise of the packed tree.
 _TREE_MAX_ATTENTION = 2.5
 _TREE_MAX_MASK = 1 << 24  # elements of the [rows, 1, W, W] mask
 
