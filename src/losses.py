@@ -105,11 +105,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _row_chunks(x: Tensor, per_row: int | None = None) -> list[tuple[int, int]]:
     """Slices ``[start, stop)`` along dim 0 so that each slice holds at most ``_CHUNK_ELEMENTS`` elements (of
-    ``per_row`` each; by default the size of a row of ``x``)."""
+    ``per_row`` each; by default the size of a row of ``x``); a shorter remainder comes first (the fused head keeps
+    the last chunk's logits from forward: the full one)."""
     n = x.shape[0]
     per_row = per_row or (max(1, x[0].numel()) if n else 1)
     step = max(1, _CHUNK_ELEMENTS // per_row)
-    return [(s, min(s + step, n)) for s in range(0, n, step)]
+    return [(max(0, e - step), e) for e in range(n, 0, -step)][::-1]
 
 
 class _TokenLogps(torch.autograd.Function):
@@ -118,8 +119,8 @@ class _TokenLogps(torch.autograd.Function):
 
     Only the inputs and ``labels`` are saved, so no ``[..., V]`` copy is kept for backward; the ``[..., V]`` scratch
     space (log-softmax in forward, softmax in backward) is one chunk at a time. The fused head (``weight``) recomputes
-    each chunk's logits in backward, except when one chunk holds every row: its logits are kept from forward (no
-    recompute, as the plain path keeps the logits).
+    each chunk's logits in backward except the last chunk's, kept from forward (with one chunk, no recompute, as the
+    plain path keeps the logits).
     """
 
     @staticmethod
@@ -154,7 +155,7 @@ class _TokenLogps(torch.autograd.Function):
             out[s:e] = logp.gather(-1, labels[s:e].unsqueeze(-1)).squeeze(-1)
             if with_entropy:  # the same log-softmax gives H = -sum p log p (no gradient)
                 entropy[s:e] = _entropy_from_logp(logp)
-        keep = weight is not None and len(ctx.spans) == 1 and any(ctx.needs_input_grad)
+        keep = weight is not None and any(ctx.needs_input_grad)  # the last chunk's logits
         ctx.save_for_backward(x, labels, weight, bias, z if keep else None)
         if not ctx.entropy_grad:
             ctx.mark_non_differentiable(entropy)
@@ -172,7 +173,7 @@ class _TokenLogps(torch.autograd.Function):
             (x, None, None) if weight is None else (x.to(mm), weight.to(mm), None if bias is None else bias.to(mm))
         )
         for s, e in ctx.spans:
-            z = kept if kept is not None else _TokenLogps._z(ctx, h, w, b, s, e)
+            z = kept if kept is not None and e == len(x) else _TokenLogps._z(ctx, h, w, b, s, e)
             g = grad_out[s:e].to(z.dtype).unsqueeze(-1)
             if ctx.entropy_grad:
                 # d/dz_j of H = -sum p log p is -p_j (log p_j + H); with the log-prob term: p (-g - g_H (log p + H))
@@ -281,8 +282,8 @@ def linear_token_logps_and_entropy(
     ``p = softmax(z / T)``, over row chunks of at most ``_CHUNK_ELEMENTS`` logits (64 MiB of float32): the ``[N, V]``
     logits never exist. Backward recomputes each chunk's logits and their gradient
     ``dz = g (onehot(y) - p) / T`` (plus ``-g_H p (log p + H) / T`` with ``entropy_grad``), then
-    ``grad_hidden = dz @ W``, ``grad_W += dz.T @ hidden``, ``grad_bias += sum dz``. When one chunk holds all ``N``
-    rows its logits are kept from forward instead (no recompute: the plain path's speed for small vocabularies). The
+    ``grad_hidden = dz @ W``, ``grad_W += dz.T @ hidden``, ``grad_bias += sum dz``; the last chunk's logits are kept
+    from forward instead (when one chunk holds all ``N`` rows, no recompute: the plain path's speed). The
     matmul runs as the LM head's own (the inputs' dtype; autocast's under autocast), the softmax in float32 for
     fp16/bf16; log-probs are float32 (float64 for float64 inputs), gradients come back in the inputs' dtypes.
 

@@ -52,10 +52,16 @@ def _both(hidden, weight, bias, labels, *, temperature=1.0, entropy_grad=False):
 @pytest.mark.parametrize("chunks", ["one", "several"])
 def test_fused_head_equals_the_materialised_logits(monkeypatch, chunks, temperature):
     if chunks == "several":
-        monkeypatch.setattr(src.losses, "_CHUNK_ELEMENTS", 5 * V)  # 13 chunks of 5 rows, the last of 4
-    assert len(src.losses._row_chunks(torch.empty(N, 1), V)) == (1 if chunks == "one" else 13)
+        monkeypatch.setattr(src.losses, "_CHUNK_ELEMENTS", 5 * V)  # 13 chunks: the first of 4 rows, then 5 each
+    spans = src.losses._row_chunks(torch.empty(N, 1), V)
+    assert len(spans) == (1 if chunks == "one" else 13) and spans[-1][1] - spans[-1][0] == (N if chunks == "one" else 5)
     hidden, weight, bias, labels = _inputs(torch.float64)
+    heads = []  # the head's chunk logits computed: every chunk in forward, all but the last (kept) in backward
+    z = src.losses._TokenLogps._z
+    record = lambda *a: (a[2] is not None and heads.append(a[-2:])) or z(*a)  # noqa: E731
+    monkeypatch.setattr(src.losses._TokenLogps, "_z", staticmethod(record))
     fused, plain = _both(hidden, weight, bias, labels, temperature=temperature)
+    assert heads == spans + spans[:-1]
     for name, a, b in zip(("logps", "entropy", "grad hidden", "grad weight", "grad bias"), fused, plain):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
     pad = labels < 0
