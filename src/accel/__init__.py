@@ -9,7 +9,7 @@ where it cannot apply: e.g. the prefix layouts need rows of the form ``[pad] pro
 feature                what it does                                     where it was measured (``auto`` on)
 =====================  ===============================================  ======================================
 ``prefix_sharing``     rows sharing a prompt run it once (tree / cache)  CPU, Llama (tiny + benchmark model)
-``packed_rows``        tree rows packed end to end, attention per row    CPU, Llama / Mistral / Qwen2
+``packed_rows``        tree rows packed end to end, attention by block   CPU, Llama / Mistral / Qwen2
 ``sparse_last_layer``  last layer only where states are read             CPU, Llama / Mistral / Qwen2
 ``length_groups``      large batches in length-sorted groups             CPU, Llama
 ``fast_decode``        lean decode loop over a preallocated KV buffer    CPU, Llama / Mistral / Qwen2

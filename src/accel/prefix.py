@@ -133,8 +133,8 @@ def tree_hidden(
 ) -> Tensor:
     """The "tree" layout: one row per prompt, ``[prompt | its completions]``; completion tokens see the prompt and the
     earlier tokens of their own completion (positions continue from the prompt). With ``packed`` (where
-    :func:`src.accel.packed.packs_rows` holds) the rows run packed end to end (``[1, N]``, attention per row), with
-    ``sparse`` also the sparse last layer; otherwise padded to ``[rows, W]`` with a 4D mask."""
+    :func:`src.accel.packed.packs_rows` holds) the rows run packed end to end (``[1, N]``, attention per row by tree
+    blocks), with ``sparse`` also the sparse last layer; otherwise padded to ``[rows, W]`` with a 4D mask."""
     rows, pos, seg, where = [], [], [], []
     for prompt, members in groups.items():
         p = len(prompt)
