@@ -65,8 +65,8 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def _pack(weight: Tensor, rows: int) -> Tensor | None:
     """oneDNN's prepacked copy of an fp32 CPU weight ``[out, in]`` for products with ``rows`` rows, or ``None`` where
     torch has no oneDNN (or the op is refused), under autocast (whose matmuls run in its dtype) and in a job of
-    several processes (not measured there; a 2-process gloo DPO test aborted at exit in 2 of 8 runs with packed
-    weights, 0 of 5 without)."""
+    several processes (not measured there; the abort at exit once blamed on it, 2 of 8 runs of a 2-process gloo DPO
+    test, happened without it too: process-group teardown, fixed in ``src/__main__.py``)."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not onednn.available():
         return None
     if torch.is_autocast_enabled("cpu") or onednn.several_processes():
