@@ -228,15 +228,8 @@ def test_packed_attention_runs_by_blocks_of_the_tree(monkeypatch):
     n = sum(map(len, seg))
     q = torch.randn(1, 6, n, 8, generator=g, dtype=torch.float64, requires_grad=True)  # 6 query heads, 2 KV heads
     k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    bounds, masks, spans, start = [], [], [], 0
-    for s, p, c in zip(seg, prompt_len, completions):
-        t = torch.tensor(s)
-        masks.append((torch.ones(len(s), len(s), dtype=torch.bool).tril() & ((t == 0) | (t[:, None] == t)))[None, None])
-        bounds.append((start, start + len(s)))
-        ends = [p, *(p + sum(c[: i + 1]) for i in range(len(c)))]
-        spans.append(list(zip(ends[:-1], ends[1:])))
-        start += len(s)
-    rows = packed.PackedRows(bounds, masks, prompt_len, spans)
+    rows = packed.PackedRows.from_segments(seg, "cpu")
+    assert rows.prompt_len == prompt_len and rows.spans == [[(4, 5), (5, 10), (10, 13)], [(2, 4)]]
     scores, sdpa = [], F.scaled_dot_product_attention
     monkeypatch.setattr(
         F,
@@ -248,7 +241,7 @@ def test_packed_attention_runs_by_blocks_of_the_tree(monkeypatch):
     dense = torch.cat(
         [
             sdpa(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], attn_mask=m, scale=0.3, enable_gqa=True).transpose(1, 2)
-            for (a, b), m in zip(bounds, masks)
+            for (a, b), m in zip(rows.bounds, rows.masks)
         ],
         1,
     )

@@ -56,6 +56,22 @@ class PackedRows:
         self.bounds, self.masks, self.prompt_len, self.spans, self.calls = bounds, masks, prompt_len, spans, 0
         self._completion_masks: dict[tuple[int, int], Tensor] = {}
 
+    @classmethod
+    def from_segments(cls, seg: list[list[int]], device: torch.device | str) -> PackedRows:
+        """The rows given by each token's segment id (``0`` the prompt, then ``1, 2, ...`` one per completion), packed
+        end to end in order."""
+        bounds, masks, prompt_len, spans, start = [], [], [], [], 0
+        for s in seg:
+            t = torch.tensor(s)
+            mask = torch.ones(len(s), len(s), dtype=torch.bool).tril() & ((t == 0) | (t[:, None] == t))
+            ends = np.cumsum(np.bincount(s)).tolist()  # end of the prompt, then of each completion
+            bounds.append((start, start + len(s)))
+            masks.append(mask[None, None].to(device))
+            prompt_len.append(ends[0])
+            spans.append(list(zip(ends[:-1], ends[1:])))
+            start += len(s)
+        return cls(bounds, masks, prompt_len, spans)
+
     def completion_mask(self, prompt: int, n: int, device: torch.device) -> Tensor:
         """``[1, 1, n, prompt + n]``: a completion of ``n`` tokens sees the whole prompt and itself causally."""
         if (prompt, n) not in self._completion_masks:
@@ -146,7 +162,6 @@ def packed_tree_hidden(
     rows: list[list[int]],
     pos: list[list[int]],
     seg: list[list[int]],
-    prompt_len: list[int],
     local: list[np.ndarray],
     row_of: list[int],
     device: torch.device,
@@ -156,29 +171,20 @@ def packed_tree_hidden(
     row attending through its own mask (:func:`_packed_sdpa`); with ``sparse`` the last layer runs only where states
     are read (:func:`_decoder_keeping`). Returns the ``[N_read, H]`` states at ``local`` positions of each completion
     (row ``row_of[b]``)."""
-    lengths = [len(r) for r in rows]
-    starts = np.cumsum(lengths) - lengths
-    masks = []
-    for s in seg:
-        t = torch.tensor(s)
-        masks.append((torch.ones(len(s), len(s), dtype=torch.bool).tril() & ((t == 0) | (t[:, None] == t))).to(device))
-    ends = [np.cumsum(np.bincount(s)).tolist() for s in seg]  # segments: the prompt (0), then completions 1, 2, ...
-    spans = [list(zip(e[:-1], e[1:])) for e in ends]  # row-local (start, end) of each completion
-    packed = PackedRows(
-        [(int(a), int(a) + n) for a, n in zip(starts, lengths)], [m[None, None] for m in masks], prompt_len, spans
-    )
+    packed = PackedRows.from_segments(seg, device)
+    prompt_len, starts = packed.prompt_len, np.array([a for a, _ in packed.bounds])
     ids = long_tensor([t for r in rows for t in r])[None].to(device)
     pos_t = long_tensor([t for q in pos for t in q])[None].to(device)
     with attention_implementation(inner.config, _PACKED_ATTENTION):
         if sparse:
             # the last layer's queries: per row the contiguous positions from the prompt's last token to the row's
             # second-to-last token (every read position, plus the unread last token of each non-final completion)
-            q_bounds = [(int(a) + p - 1, int(a) + n - 1) for a, n, p in zip(starts, lengths, prompt_len)]
+            q_bounds = [(a + p - 1, b - 1) for (a, b), p in zip(packed.bounds, prompt_len)]
             q_start = np.cumsum([b - a for a, b in q_bounds]) - [b - a for a, b in q_bounds]
             read = np.concatenate(
                 [q_start[row_of[b]] + local[b] - (prompt_len[row_of[b]] - 1) for b in range(len(local))]
             )
-            states = _decoder_keeping(inner, ids, pos_t, packed, q_bounds, prompt_len)
+            states = _decoder_keeping(inner, ids, pos_t, packed, q_bounds)
         else:
             read = np.concatenate([starts[row_of[b]] + local[b] for b in range(len(local))])
             states = inner.get_decoder()(input_ids=ids, position_ids=pos_t, use_cache=False, packed=packed)
@@ -225,7 +231,6 @@ def _decoder_keeping(
     pos: Tensor,
     packed: PackedRows,
     q_bounds: list[tuple[int, int]],
-    prompt_len: list[int],
 ) -> Tensor:
     """Final-norm decoder states at the packed positions ``q_bounds`` (per row, concatenated: ``[Q, H]``) of the
     packed tree rows ``ids`` (``[1, N]``): every layer but the last as the model's own modules run it; the last layer
@@ -249,7 +254,7 @@ def _decoder_keeping(
     cq, sq = cos[0].index_select(0, take)[None], sin[0].index_select(0, take)[None]
     q = _rotate(attn.q_proj(hq).view(1, hq.shape[0], -1, d).transpose(1, 2), cq, sq)
     o, at = [], 0
-    for (a, b), (qa, qb), m, p in zip(packed.bounds, q_bounds, packed.masks, prompt_len):
+    for (a, b), (qa, qb), m, p in zip(packed.bounds, q_bounds, packed.masks, packed.prompt_len):
         o.append(
             F.scaled_dot_product_attention(
                 q[:, :, at : at + qb - qa],

@@ -155,8 +155,7 @@ def tree_hidden(
         local[b], row_of[b] = np.r_[p - 1, start + np.arange(n - 1)], g
     if packed and packs_rows(inner):
         sparse = sparse and reads_last_layer_sparsely(inner)
-        prompt_len = [len(k) for k in groups]
-        return packed_tree_hidden(inner, rows, pos, seg, prompt_len, local, row_of, device, sparse)
+        return packed_tree_hidden(inner, rows, pos, seg, local, row_of, device, sparse)
     W = max(lengths)
     ids = long_tensor([r + [0] * (W - len(r)) for r in rows]).to(device)
     pos_t = long_tensor([q + [0] * (W - len(q)) for q in pos]).to(device)
