@@ -7,6 +7,7 @@ token for token in ``tests/test_rollout.py``.)
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,14 +282,10 @@ def test_auto_turns_on_only_what_was_measured_for_the_device_and_family():
     class OtherFamily(torch.nn.Module):
         config = type("Config", (), {"model_type": "gemma2"})()
 
-    assert Accel.resolve("auto", OtherFamily(), "cpu").features == {"growing_cache", "clip_with_norm", "malloc"}
+    any_model = {"growing_cache", "clip_with_norm", "malloc", "own_weights", "early_adam_state"}
+    assert Accel.resolve("auto", OtherFamily(), "cpu").features == any_model
     OtherFamily.config.hidden_size = 2048
-    assert Accel.resolve("auto", OtherFamily(), "cpu").features == {
-        "growing_cache",
-        "onednn_linear",
-        "clip_with_norm",
-        "malloc",
-    }
+    assert Accel.resolve("auto", OtherFamily(), "cpu").features == any_model | {"onednn_linear"}
     # a list is taken as given (each path still checks that it applies)
     assert Accel.resolve(["packed_rows", "prefix_sharing"], llama, "cuda").features == {"packed_rows", "prefix_sharing"}
     with pytest.raises(ValueError, match="unknown feature.*'packd_rows'"):
@@ -372,7 +369,8 @@ def test_an_unchecked_transformers_version_falls_back_to_the_plain_path(monkeypa
     monkeypatch.setattr(accel, "_transformers_major", lambda: 6)
     with caplog.at_level(logging.WARNING, logger="src.accel"):
         chosen = Accel.resolve("auto", load_causal_lm("tiny"), "cpu")
-    assert chosen.features == {"clip_with_norm", "length_groups", "malloc"}  # the ones that read no internals
+    # the ones that read no transformers internals
+    assert chosen.features == {"clip_with_norm", "length_groups", "malloc", "own_weights", "early_adam_state"}
     assert len(caplog.records) == 1 and "not a checked version" in caplog.records[0].getMessage()
 
 
@@ -438,6 +436,115 @@ def test_malloc_applies_when_a_cpu_fit_starts_not_at_import(monkeypatch, run_cli
     assert calls == []
     run_cli(["fit", "--config", "dpo.yaml", *FAST, "--model.init_args.accel=[malloc]"])
     assert calls == [1]
+
+
+def test_own_weights_and_early_adam_state_apply_when_a_fit_starts(monkeypatch, run_cli):
+    from src.accel import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "own_weights", lambda module: calls.append(type(module).__name__) or 0)
+    monkeypatch.setattr(runtime, "early_adam_state", lambda opts: calls.append([type(o).__name__ for o in opts]))
+    run_cli(["fit", "--config", "dpo.yaml", *FAST, "--model.init_args.accel=[clip_with_norm]"])
+    assert calls == []
+    run_cli(["fit", "--config", "dpo.yaml", *FAST, "--model.init_args.accel=[own_weights,early_adam_state]"])
+    assert calls == ["DPO", ["AdamW"]]
+
+
+def _file_mapped(tensor: torch.Tensor, path) -> bool:
+    """Whether ``tensor``'s memory lies in a mapping of the file ``path`` (``/proc/self/maps``)."""
+    ptr = tensor.untyped_storage().data_ptr()
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= ptr < hi:
+                return True
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_own_weights_copies_trained_parameters_out_of_the_checkpoint_mapping(tmp_path):
+    """A safetensors checkpoint loads as views of the mapped file; ``own_weights`` copies the trainable parameters
+    into memory of their own (same values, same Parameter objects, tied weights still tied) and leaves frozen ones
+    mapped."""
+    from src.accel.runtime import own_weights
+
+    load_causal_lm("tiny", model_config={"tie_word_embeddings": True}).save_pretrained(tmp_path)
+    model = load_causal_lm(str(tmp_path))
+    file = (tmp_path / "model.safetensors").resolve()
+    params = dict(model.named_parameters())
+    mapped = {n for n, p in params.items() if _file_mapped(p, file)}
+    if not mapped:
+        pytest.skip("this transformers copies checkpoints into memory at load (nothing to do)")
+    frozen = "model.layers.1.mlp.down_proj.weight"
+    params[frozen].requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    ids = {n: id(p) for n, p in params.items()}
+    copied = own_weights(model)
+    assert copied == sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    after = dict(model.named_parameters())
+    assert {n: id(p) for n, p in after.items()} == ids
+    assert all(torch.equal(after[n], before[n]) for n in before)
+    assert {n for n, p in after.items() if _file_mapped(p, file)} == {frozen} & mapped
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize(
+    "variant",
+    [dict(fused=True), dict(foreach=True), dict(foreach=False), dict(amsgrad=True), dict(fused=True, amsgrad=True)],
+)
+def test_early_adam_state_equals_the_lazy_state_of_the_first_step(cls, variant):
+    """State allocated before the first step is what that step would allocate: two steps give the same parameters
+    and state, bit for bit; parameters with state already, frozen ones and other optimizers are left alone."""
+    from src.accel.runtime import early_adam_state
+
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    init = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(2)]
+    runs = []
+    for early in (False, True):
+        params = [torch.nn.Parameter(x.clone()) for x in init]
+        opt = cls(params, lr=0.1, weight_decay=0.01, **variant)
+        if early:
+            assert early_adam_state([opt]) == len(params)
+            assert all(torch.count_nonzero(v) == 0 for st in opt.state.values() for v in st.values())
+            assert early_adam_state([opt]) == 0  # already there: kept
+        for g in grads:
+            for p, x in zip(params, g):
+                p.grad = x.clone()
+            opt.step()
+        runs.append((params, opt.state_dict()["state"]))
+    (p0, s0), (p1, s1) = runs
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+    assert s0.keys() == s1.keys()
+    for i in s0:
+        assert s0[i].keys() == s1[i].keys()
+        for k in s0[i]:
+            a, b = s0[i][k], s1[i][k]
+            assert a.dtype == b.dtype and a.device == b.device and torch.equal(a, b), (i, k)
+    frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum=0.9)
+    assert early_adam_state([cls([frozen], lr=0.1, **variant), sgd]) == 0
+
+
+def test_gradients_are_freed_after_each_optimizer_step_not_between_accumulated_batches(run_cli, monkeypatch):
+    """Automatic optimization drops the gradients right after the optimizer step (as the HF Trainer does), so they
+    are not held beside the next step's activations; between accumulated micro-batches they are kept."""
+    from src.modules.base import AlignmentModule
+
+    seen, start = [], AlignmentModule.on_train_batch_start
+
+    def record(self, batch, batch_idx):
+        seen.append(any(p.grad is not None for p in self.parameters()))
+        return start(self, batch, batch_idx)
+
+    monkeypatch.setattr(AlignmentModule, "on_train_batch_start", record)
+    args = [*FAST, "--trainer.max_steps=2", "--trainer.accumulate_grad_batches=2", "--model.init_args.accel=off"]
+    cli = run_cli(["fit", "--config", "dpo.yaml", *args])
+    assert cli.trainer.global_step == 2
+    assert seen == [False, True, False, True]
 
 
 # ------------------------------------------------------------------------------------------------ whole runs

@@ -17,6 +17,8 @@ feature                what it does                                     where it
 ``onednn_linear``      fp32 linear layers of scoring by oneDNN          CPU, one process, hidden size >= 512
 ``clip_with_norm``     clipping reuses the logged gradient norm          CPU, any model
 ``malloc``             glibc allocator settings during a CPU fit         CPU (glibc), any model
+``own_weights``        trained weights copied out of the file mapping    CPU, any model
+``early_adam_state``   Adam's state allocated when the fit starts       CPU, Adam / AdamW
 =====================  ===============================================  ======================================
 
 Nothing is on by ``auto`` on CUDA or other accelerators until it has been measured there. Every feature has an
@@ -48,10 +50,14 @@ FEATURES = (
     "onednn_linear",
     "clip_with_norm",
     "malloc",
+    "own_weights",
+    "early_adam_state",
 )
 LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
 # what ``auto`` turns on, per device type: family-independent features, and those measured on the Llama family
-_AUTO_ANY_MODEL = {"cpu": ("growing_cache", "onednn_linear", "clip_with_norm", "malloc")}
+_AUTO_ANY_MODEL = {
+    "cpu": ("growing_cache", "onednn_linear", "clip_with_norm", "malloc", "own_weights", "early_adam_state")
+}
 _AUTO_LLAMA_FAMILY = {"cpu": FEATURES}
 # features that read or subclass private transformers internals, and the major versions they were checked against
 _PRIVATE_TRANSFORMERS = frozenset(
@@ -197,10 +203,14 @@ class Accel:
 
         return clip_with_norm(trainer, optimizer, max_norm, norm)
 
-    def on_fit_start(self) -> None:
-        """Process-wide settings of a fit (``malloc``)."""
-        if "malloc" in self:
-            from src.accel.runtime import tune_malloc
+    def on_fit_start(self, module: nn.Module | None = None, optimizers: Iterable[Any] = ()) -> None:
+        """Process-wide settings of a fit (``malloc``); ``module``'s trained weights in memory of their own
+        (``own_weights``); the optimizers' state allocated (``early_adam_state``)."""
+        from src.accel import runtime
 
-            if tune_malloc():
-                log.info("accel: glibc malloc thresholds set for CPU training (opt out: ALIGN_MALLOC=default)")
+        if "malloc" in self and runtime.tune_malloc():
+            log.info("accel: glibc malloc thresholds set for CPU training (opt out: ALIGN_MALLOC=default)")
+        if "own_weights" in self and module is not None:
+            log.info("accel: %.0f MiB of trained weights copied to private memory", runtime.own_weights(module) / 2**20)
+        if "early_adam_state" in self:
+            runtime.early_adam_state(list(optimizers))

@@ -204,11 +204,7 @@ class AlignmentModule(LightningModule):
             if step < warmup:
                 return (step + 1) / (warmup + 1)
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            if kind == "linear":
-                return 1.0 - progress
-            if kind == "cosine":
-                return 0.5 * (1.0 + math.cos(math.pi * progress))
-            return 1.0
+            return {"linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}.get(kind, 1.0)
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -255,8 +251,7 @@ class AlignmentModule(LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Lightning's clipping (``trainer.gradient_clip_val``); with ``accel`` feature ``clip_with_norm`` it reuses
-        the norm ``on_before_optimizer_step`` just computed for ``train/grad_norm``."""
+        """Lightning's clipping; ``accel`` feature ``clip_with_norm`` reuses the norm logged as ``train/grad_norm``."""
         norm, self._step_norm = self._step_norm, None
         if not (
             gradient_clip_val
@@ -283,6 +278,11 @@ class AlignmentModule(LightningModule):
         if self.automatic_optimization:
             self._step_norm = norm
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Lightning's step, then the gradients freed (as the HF Trainer does): none sit beside the next activations."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
     def configure_callbacks(self) -> list[Callback]:
         """The metrics callbacks (``LogProbMetrics``, ``TokenThroughput``, ``FitSummary``) of a trainer built in Python
         without them; the CLI's own (configurable) instances are left as they are."""
@@ -303,7 +303,7 @@ class AlignmentModule(LightningModule):
         naming both); the CLI calls it before ``fit``, online modules also at ``setup``."""
 
     def on_fit_start(self) -> None:
-        self.accel.on_fit_start()
+        self.accel.on_fit_start(self, self.trainer.optimizers)
         dm = getattr(self.trainer, "datamodule", None)
         cut = getattr(dm, "truncated", None)
         if cut and self.logger is not None:
