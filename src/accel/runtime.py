@@ -1,4 +1,4 @@
-"""Training-loop speed paths (features ``clip_with_norm``, ``malloc`` and ``own_weights``).
+"""Training-loop speed paths (features ``clip_with_norm``, ``malloc``, ``own_weights`` and ``early_adam_state``).
 
 ``clip_with_norm``: gradient clipping reuses the global norm already computed for ``train/grad_norm``
 (``torch.nn.utils.clip_grads_with_norm_``: one pass over the gradients instead of two). Same result as Lightning's
@@ -30,7 +30,6 @@ from lightning import Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
-from torch.optim.optimizer import _get_scalar_dtype
 
 
 def clip_with_norm(
@@ -101,6 +100,10 @@ def early_adam_state(optimizers: list[torch.optim.Optimizer]) -> int:
     checkpoint's) and other optimizer types are left alone; ``tests/test_accel.py`` checks two steps of both
     optimizers in every variant (fused, foreach, amsgrad) against lazy state, bit for bit.
     """
+    try:
+        from torch.optim.optimizer import _get_scalar_dtype  # what the optimizers' own init uses
+    except ImportError:  # another torch: the first step allocates the state as usual
+        return 0
     n = 0
     for opt in optimizers:
         if type(opt) not in (torch.optim.Adam, torch.optim.AdamW):
@@ -111,9 +114,8 @@ def early_adam_state(optimizers: list[torch.optim.Optimizer]) -> int:
                 state = opt.state[p]
                 if state or not p.requires_grad:
                     continue
-                dtype = _get_scalar_dtype(is_fused=fused)
                 if on_device:
-                    state["step"] = torch.zeros((), dtype=dtype, device=p.device)
+                    state["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=fused), device=p.device)
                 else:
                     state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
                 for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
