@@ -268,12 +268,19 @@ def test_packed_rows_refuse_a_model_that_ignores_the_attention_interface(model, 
 
 
 # --------------------------------------------------------------------------------------------- the switch itself
-def test_auto_turns_on_only_what_was_measured_for_the_device_and_family():
+def test_auto_turns_on_only_what_was_measured_for_the_device_and_family(monkeypatch):
+    import src.accel as accel
+
+    monkeypatch.setattr(accel, "_intel_cpu", lambda: False)
     llama = load_causal_lm("tiny")
     # onednn_linear from hidden size 512 (slower on the tiny model, faster on SmolLM2-135M)
     assert Accel.resolve("auto", llama, "cpu").features == frozenset(FEATURES) - {"onednn_linear"}
     wide = type("Wide", (torch.nn.Module,), {"config": type("C", (), {"model_type": "llama", "hidden_size": 576})()})
     assert Accel.resolve("auto", wide(), "cpu").features == frozenset(FEATURES)
+    monkeypatch.setattr(accel, "_intel_cpu", lambda: True)  # MKL's own kernels are as fast there
+    assert Accel.resolve("auto", wide(), "cpu").features == frozenset(FEATURES) - {"onednn_linear"}
+    assert Accel.resolve(["onednn_linear"], wide(), "cpu").features == {"onednn_linear"}  # asked for: on
+    monkeypatch.setattr(accel, "_intel_cpu", lambda: False)
     assert Accel.resolve("off", llama, "cpu").features == frozenset()
     assert Accel.resolve(None, llama, "cpu").features == frozenset()
     assert Accel.resolve("auto", llama, "cuda").features == frozenset()  # nothing measured on a GPU yet
@@ -290,6 +297,23 @@ def test_auto_turns_on_only_what_was_measured_for_the_device_and_family():
     assert Accel.resolve(["packed_rows", "prefix_sharing"], llama, "cuda").features == {"packed_rows", "prefix_sharing"}
     with pytest.raises(ValueError, match="unknown feature.*'packd_rows'"):
         Accel.resolve(["packd_rows"], llama, "cpu")
+
+
+def test_intel_cpu_reads_the_vendor_of_proc_cpuinfo(monkeypatch, tmp_path):
+    import builtins
+
+    from src.accel import onednn
+
+    real_open = builtins.open
+    for vendor, intel in (("GenuineIntel", True), ("AuthenticAMD", False)):
+        info = tmp_path / vendor
+        info.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 6\n")
+        monkeypatch.setattr(
+            builtins, "open", lambda f, *a, **k: real_open(info if f == "/proc/cpuinfo" else f, *a, **k)
+        )
+        assert onednn.intel_cpu() is intel
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("/proc/cpuinfo")))
+    assert onednn.intel_cpu() is False
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")

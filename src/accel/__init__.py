@@ -14,7 +14,7 @@ feature                what it does                                     where it
 ``length_groups``      large batches in length-sorted groups             CPU, Llama
 ``fast_decode``        lean decode loop over a preallocated KV buffer    CPU, Llama / Mistral / Qwen2
 ``growing_cache``      KV cache layers append into a buffer              CPU, any transformers 5 model
-``onednn_linear``      fp32 linear layers of scoring by oneDNN          CPU, one process, hidden size >= 512
+``onednn_linear``      fp32 linear layers of scoring by oneDNN          non-Intel CPU, one process, hidden >= 512
 ``clip_with_norm``     clipping reuses the logged gradient norm          CPU, any model
 ``malloc``             glibc allocator settings during a CPU fit         CPU (glibc), any model
 ``own_weights``        trained weights copied out of the file mapping    CPU, any model
@@ -69,6 +69,12 @@ CHECKED_TRANSFORMERS_MAJOR = (5,)
 ONEDNN_MIN_HIDDEN = 512
 
 AccelSpec = str | list[str] | tuple[str, ...] | None
+
+
+def _intel_cpu() -> bool:
+    from src.accel.onednn import intel_cpu
+
+    return intel_cpu()
 
 
 def parse(spec: AccelSpec) -> str | frozenset[str]:
@@ -129,7 +135,7 @@ class Accel:
             chosen = set(_AUTO_ANY_MODEL.get(device.type, ()))
             if family in LLAMA_FAMILY:
                 chosen |= set(_AUTO_LLAMA_FAMILY.get(device.type, ()))
-            if (getattr(getattr(model, "config", None), "hidden_size", 0) or 0) < ONEDNN_MIN_HIDDEN:
+            if (getattr(getattr(model, "config", None), "hidden_size", 0) or 0) < ONEDNN_MIN_HIDDEN or _intel_cpu():
                 chosen.discard("onednn_linear")
         else:
             chosen = set(parsed)
