@@ -512,6 +512,14 @@ def test_own_weights_copies_trained_parameters_out_of_the_checkpoint_mapping(tmp
     assert {n for n, p in after.items() if _file_mapped(p, file)} == {frozen} & mapped
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
+    class FlatParameter(torch.nn.Parameter):  # FSDP's: a view-backed subclass, left as it is
+        pass
+
+    holder = torch.nn.Module()
+    holder.flat = FlatParameter(torch.ones(3))
+    ptr = holder.flat.data_ptr()
+    assert own_weights(holder) == 0 and holder.flat.data_ptr() == ptr
+
 
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
 @pytest.mark.parametrize(

@@ -85,7 +85,10 @@ def own_weights(module: nn.Module) -> int:
     copied = 0
     with torch.no_grad():
         for p in module.parameters():
-            if p.requires_grad and p.device.type == "cpu" and type(p.data) is Tensor:  # not sharded (DTensor) ones
+            # plain parameters only: FSDP's flat parameters (views of the module's), DTensors and DeepSpeed's
+            # partitioned ones keep their storage
+            plain = type(p) is nn.Parameter and type(p.data) is Tensor and not hasattr(p, "ds_id")
+            if plain and p.requires_grad and p.device.type == "cpu":
                 p.data = p.data.clone()
                 copied += p.numel() * p.element_size()
     return copied
