@@ -269,18 +269,18 @@ def test_packed_rows_refuse_a_model_that_ignores_the_attention_interface(model, 
 
 # --------------------------------------------------------------------------------------------- the switch itself
 def test_auto_turns_on_only_what_was_measured_for_the_device_and_family(monkeypatch):
-    import src.accel as accel
+    from src.accel import onednn
 
-    monkeypatch.setattr(accel, "_intel_cpu", lambda: False)
+    monkeypatch.setattr(onednn, "intel_cpu", lambda: False)
     llama = load_causal_lm("tiny")
     # onednn_linear from hidden size 512 (slower on the tiny model, faster on SmolLM2-135M)
     assert Accel.resolve("auto", llama, "cpu").features == frozenset(FEATURES) - {"onednn_linear"}
     wide = type("Wide", (torch.nn.Module,), {"config": type("C", (), {"model_type": "llama", "hidden_size": 576})()})
     assert Accel.resolve("auto", wide(), "cpu").features == frozenset(FEATURES)
-    monkeypatch.setattr(accel, "_intel_cpu", lambda: True)  # MKL's own kernels are as fast there
+    monkeypatch.setattr(onednn, "intel_cpu", lambda: True)  # MKL's own kernels are as fast there
     assert Accel.resolve("auto", wide(), "cpu").features == frozenset(FEATURES) - {"onednn_linear"}
     assert Accel.resolve(["onednn_linear"], wide(), "cpu").features == {"onednn_linear"}  # asked for: on
-    monkeypatch.setattr(accel, "_intel_cpu", lambda: False)
+    monkeypatch.setattr(onednn, "intel_cpu", lambda: False)
     assert Accel.resolve("off", llama, "cpu").features == frozenset()
     assert Accel.resolve(None, llama, "cpu").features == frozenset()
     assert Accel.resolve("auto", llama, "cuda").features == frozenset()  # nothing measured on a GPU yet

@@ -71,12 +71,6 @@ ONEDNN_MIN_HIDDEN = 512
 AccelSpec = str | list[str] | tuple[str, ...] | None
 
 
-def _intel_cpu() -> bool:
-    from src.accel.onednn import intel_cpu
-
-    return intel_cpu()
-
-
 def parse(spec: AccelSpec) -> str | frozenset[str]:
     """``"auto"``, ``"off"`` or the named features; a clear error for anything else."""
     if spec is None or spec is False or spec == "off":
@@ -132,10 +126,14 @@ class Accel:
         device = torch.device(device)
         family = getattr(getattr(model, "config", None), "model_type", None)
         if parsed == "auto":
+            from src.accel import onednn
+
             chosen = set(_AUTO_ANY_MODEL.get(device.type, ()))
             if family in LLAMA_FAMILY:
                 chosen |= set(_AUTO_LLAMA_FAMILY.get(device.type, ()))
-            if (getattr(getattr(model, "config", None), "hidden_size", 0) or 0) < ONEDNN_MIN_HIDDEN or _intel_cpu():
+            if (
+                getattr(getattr(model, "config", None), "hidden_size", 0) or 0
+            ) < ONEDNN_MIN_HIDDEN or onednn.intel_cpu():
                 chosen.discard("onednn_linear")
         else:
             chosen = set(parsed)
