@@ -16,7 +16,8 @@ checkpoint's file mapping (:func:`own_weights`) and Adam's state is allocated (:
 Measured on SmolLM2-135M, DPO at L = 128 on a 2-vCPU Xeon VM: the first two steps fault 590K + 165K pages at
 ~4-7 us each (1.3 s of copy-on-write in the first optimizer step; in the second step the heap grows again because the
 first step's lazily allocated optimizer state took the place of the activations); with both (and the gradients freed
-after each optimizer step), 180K + ~0, and 4 steps take 7.2-7.5 s instead of 8.4-10.8 s.
+after each optimizer step), 222K + under 28K, and 4 steps take 7.2-7.6 s instead of 9.9-11.7 s (training wall time
+of ``python benchmarks/run.py real_dpo --length 128``, the same session).
 """
 
 from __future__ import annotations
