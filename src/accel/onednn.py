@@ -39,9 +39,10 @@ def available() -> bool:
 def intel_cpu() -> bool:
     """Whether this machine's CPU is Intel's (``vendor_id`` of ``/proc/cpuinfo``). MKL, which computes torch's fp32
     CPU matmuls, takes its fastest kernels on Intel CPUs only, so oneDNN's are faster on others (AMD EPYC, above) but
-    not on Intel's: a 2-vCPU Xeon VM (AVX-512, AMX) ran SmolLM2-135M's products at 360-440 GFLOP/s with MKL and
-    240-410 with oneDNN (weight gradients 20-40% slower), and DPO at 128 tokens 1.66 s per step with this path,
-    1.58 s without. ``auto`` leaves ``onednn_linear`` off on Intel CPUs."""
+    not on Intel's: a 2-vCPU Xeon VM (AVX-512, AMX) ran SmolLM2-135M's layer products at 360-440 GFLOP/s with MKL and
+    240-410 with oneDNN (weight gradients 16-43% slower; the LM head's 230-390 with MKL, 155-315 with oneDNN), and
+    DPO at 128 tokens 1.66 s per step with this path, 1.58 s without. ``auto`` leaves ``onednn_linear`` off on Intel
+    CPUs."""
     try:
         with open("/proc/cpuinfo") as f:
             return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
