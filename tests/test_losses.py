@@ -139,6 +139,15 @@ def test_entropy_from_logits():
     p = [1 / 6, 2 / 6, 3 / 6]
     close(entropy_from_logits(torch.log(t(p))), -sum(q * math.log(q) for q in p))
     close(entropy_from_logits(t([0.0, 0.0, -math.inf])), LN2)  # masked-out vocabulary entries: 0 log 0 = 0
+    # outside autograd the log-probs are clamped and multiplied in place; through autograd the same value and
+    # dH/dz = -p (log p + H) (0 on masked entries), the input untouched
+    z = t([[0.3, -1.2, 2.0, -math.inf], [0.0, 1.0, -0.5, 0.25]]).requires_grad_()
+    h = entropy_from_logits(z)
+    close(h, entropy_from_logits(z.detach()))
+    (g,) = torch.autograd.grad(h.sum(), z)
+    p = torch.softmax(z.detach(), -1)
+    close(g, torch.where(p > 0, -p * (p.log() + h.detach()[:, None]), 0.0))
+    assert z[0, 3] == -math.inf
 
 
 # ------------------------------------------------------------------------------------------------ masked stats
