@@ -66,7 +66,7 @@ def completion_hidden(
     """Hidden states ``[N, H]`` of the N positions that predict a completion token, and that ``[B, T-1]`` selector
     (a value head reads the same states as the LM head). ``accel`` may compute the same states faster."""
     target = completion_mask[:, 1:].bool()
-    with nullcontext() if accel is None else accel.linears():
+    with nullcontext() if accel is None else accel.scoring(model):
         states = None if accel is None else accel.completion_hidden(model, input_ids, attention_mask, completion_mask)
         if states is None:
             states = decoder_hidden(model, input_ids, attention_mask)[:, :-1][target]
@@ -165,6 +165,6 @@ def completion_logps(
     if linear_head(model) is None:  # a head that is more than a plain linear layer: its [N, V] logits
         logits, target = completion_logits(model, input_ids, attention_mask, completion_mask, accel)
         return logps_from_logits(logits, input_ids, target, **kw)
-    with nullcontext() if accel is None else accel.linears():  # the fused head's matmul too
+    with nullcontext() if accel is None else accel.scoring(model):  # the fused head's matmul too
         hidden, target = completion_hidden(model, input_ids, attention_mask, completion_mask, accel)
         return logps_from_hidden(model, hidden, input_ids, target, **kw)

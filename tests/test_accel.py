@@ -6,6 +6,7 @@ token for token in ``tests/test_rollout.py``.)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -373,7 +374,7 @@ def test_onednn_linear_scores_like_the_plain_path():
 
 def test_onednn_paths_stay_off_in_a_job_of_several_processes(monkeypatch):
     """Several ranks (not measured there): no oneDNN mode for scoring, no packed decode weights."""
-    from contextlib import nullcontext
+    from torch.overrides import _get_current_function_mode_stack
 
     from src.accel.decode import Projection
 
@@ -381,7 +382,8 @@ def test_onednn_paths_stay_off_in_a_job_of_several_processes(monkeypatch):
     monkeypatch.setattr(dist, "is_available", lambda: True)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
-    assert isinstance(Accel(["onednn_linear"]).linears(), nullcontext)
+    with Accel(["onednn_linear"]).scoring(torch.nn.Linear(2, 2)):
+        assert not _get_current_function_mode_stack()
     assert not Projection(torch.randn(8, 4), None, 2).packed
     monkeypatch.setattr(dist, "get_world_size", lambda *a: 1)
     assert Projection(torch.randn(8, 4), None, 2).packed == torch.backends.mkldnn.is_available()
@@ -424,7 +426,7 @@ def test_tune_malloc_sets_glibc_thresholds_unless_the_user_chose(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
     assert runtime.tune_malloc() is True
-    assert calls == [(-3, 1 << 30), (-1, 1 << 30), (-2, 64 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
+    assert calls == [(-3, 1 << 30), (-1, -1), (-2, 64 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (never), M_TOP_PAD
     calls.clear()
     monkeypatch.setattr(FakeLibc, "mallopt", lambda self, p, v: calls.append((p, v)) or int(p != -3))
     assert runtime.tune_malloc() is False and len(calls) == 3  # a refused threshold does not skip the others
@@ -661,3 +663,71 @@ def test_benchmark_dpo_losses_are_the_same_with_accel_off_and_auto(run_cli):
     auto = _train_losses(run_cli([*args, "--model.init_args.accel=auto"]))
     assert len(off) == len(auto) == 30
     assert max(abs(a - b) for a, b in zip(off, auto)) < 1e-5
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the non-parameter tensors autograd keeps for backward while ``fn`` runs."""
+    kept: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter):
+            kept.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(kept)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_fused_layers_give_the_plain_outputs_and_gradients_and_keep_less_for_backward(precision):
+    """``fused_layers``: RMSNorm and MLP modules switched while the context is open, then restored; outputs equal
+    bit for bit, gradients to float rounding (fp32, and under CPU autocast to bf16), less kept for backward."""
+    from src.accel.layers import fused_layers
+
+    torch.manual_seed(0)
+    lm = load_causal_lm("tiny")
+    layers = lm.config.num_hidden_layers
+    ids = torch.randint(3, 2048, (3, 40))
+
+    def step(fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        lm.zero_grad(set_to_none=True)
+        out: list[torch.Tensor] = []
+        amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+        with fused_layers(lm) if fused else contextlib.nullcontext(layers * 3 + 1) as switched, amp:
+            kept = _saved_bytes(lambda: out.append(lm(input_ids=ids).logits))
+        assert switched == layers * 3 + 1  # two norms and an MLP per layer, the final norm
+        out[0].float().logsumexp(-1).mean().backward()
+        return out[0].detach(), {k: p.grad.clone() for k, p in lm.named_parameters()}, kept
+
+    plain, plain_grads, plain_kept = step(False)
+    fused, fused_grads, fused_kept = step(True)
+    assert all("forward" not in vars(m) for m in lm.modules())  # restored
+    assert torch.equal(fused, plain)
+    # bf16 matmuls round a float32 difference of one unit in the last place to one of bf16's (~4e-3)
+    tol = 5e-6 if precision == "fp32" else 1e-2
+    for k, g in plain_grads.items():
+        assert (fused_grads[k] - g).norm() <= tol * g.norm(), (k, ((fused_grads[k] - g).norm() / g.norm()).item())
+    assert fused_kept < 0.8 * plain_kept, (fused_kept, plain_kept)
+
+
+def test_fused_layers_leave_wrapped_hooked_and_checkpointed_modules_alone():
+    from src.accel.layers import fused_layers
+
+    torch.manual_seed(0)
+    lm = load_causal_lm("tiny")
+    layers = lm.model.layers
+
+    class Wrapped(torch.nn.Linear):  # e.g. a LoRA or quantised layer
+        pass
+
+    wrapped = Wrapped(lm.config.intermediate_size, lm.config.hidden_size, bias=False)
+    layers[0].mlp.down_proj = wrapped
+    layers[1].input_layernorm.forward = layers[1].input_layernorm.forward  # a forward of its own (a hook library's)
+    with fused_layers(lm) as switched:
+        assert switched == len(layers) * 3 + 1 - 2
+        assert "forward" not in vars(layers[0].mlp) and "forward" in vars(layers[0].input_layernorm)
+    assert "forward" in vars(layers[1].input_layernorm)  # its own one, kept
+    lm.gradient_checkpointing_enable()
+    with fused_layers(lm) as switched:
+        assert switched == 0

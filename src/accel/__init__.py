@@ -14,6 +14,7 @@ feature                what it does                                     where it
 ``length_groups``      large batches in length-sorted groups             CPU, Llama
 ``fast_decode``        lean decode loop over a preallocated KV buffer    CPU, Llama / Mistral / Qwen2
 ``growing_cache``      KV cache layers append into a buffer              CPU, any transformers 5 model
+``fused_layers``       RMSNorm and SwiGLU MLP keep ~half for backward   CPU, Llama / Mistral / Qwen2
 ``onednn_linear``      fp32 linear layers of scoring by oneDNN          non-Intel CPU, one process, hidden >= 512
 ``clip_with_norm``     clipping reuses the logged gradient norm          CPU, any model
 ``malloc``             glibc allocator settings during a CPU fit         CPU (glibc), any model
@@ -31,8 +32,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ FEATURES = (
     "length_groups",
     "fast_decode",
     "growing_cache",
+    "fused_layers",
     "onednn_linear",
     "clip_with_norm",
     "malloc",
@@ -61,7 +63,7 @@ _AUTO_ANY_MODEL = {
 _AUTO_LLAMA_FAMILY = {"cpu": FEATURES}
 # features that read or subclass private transformers internals, and the major versions they were checked against
 _PRIVATE_TRANSFORMERS = frozenset(
-    {"prefix_sharing", "packed_rows", "sparse_last_layer", "fast_decode", "growing_cache"}
+    {"prefix_sharing", "packed_rows", "sparse_last_layer", "fast_decode", "growing_cache", "fused_layers"}
 )
 CHECKED_TRANSFORMERS_MAJOR = (5,)
 # ``onednn_linear`` pays per call and per op of the forward: SmolLM2-135M (hidden 576) -7% per DPO step, the tiny
@@ -172,14 +174,23 @@ class Accel:
             return prefix.grouped_hidden(model, input_ids, attention_mask, completion_mask)
         return None
 
-    def linears(self) -> AbstractContextManager:
-        """The context scoring forwards run in: ``F.linear`` by oneDNN (``onednn_linear``), else nothing. Nested
-        uses enter the mode once."""
-        if "onednn_linear" not in self or getattr(_LOCAL, "linears", False):
-            return nullcontext()
-        from src.accel import onednn
+    @contextmanager
+    def scoring(self, model: nn.Module) -> Iterator[None]:
+        """The context scoring forwards run in: ``model``'s RMSNorm and MLP modules by :mod:`src.accel.layers`
+        (``fused_layers``) and ``F.linear`` by oneDNN (``onednn_linear``). Nested uses enter each once."""
+        with ExitStack() as stack:
+            if "fused_layers" in self and not getattr(_LOCAL, "layers", False):
+                from src.accel.layers import fused_layers
 
-        return _linear_mode() if onednn.available() and not onednn.several_processes() else nullcontext()
+                stack.enter_context(fused_layers(model))
+                _LOCAL.layers = True
+                stack.callback(setattr, _LOCAL, "layers", False)
+            if "onednn_linear" in self and not getattr(_LOCAL, "linears", False):
+                from src.accel import onednn
+
+                if onednn.available() and not onednn.several_processes():
+                    stack.enter_context(_linear_mode())
+            yield
 
     # -- sampling (src/rollout.py) --------------------------------------------------------------------------------
     def decoder(self, model: nn.Module, cache: Any, attn_mask: Tensor, positions: Tensor, repeats: int) -> Any:
