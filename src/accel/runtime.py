@@ -5,11 +5,14 @@
 clipping where it applies: whole gradients on every rank (one device or DDP), fp32 or AMP precision without a loss
 scaler. Measured on CPU: clip 1.7 -> 0.4 ms per benchmark DPO step.
 
-``malloc``: glibc ``mallopt`` settings for CPU training loops (mmap and trim thresholds 1 GiB, top pad 64 MiB), so
-large activation and gradient buffers stay in the heap instead of being ``mmap``-ed and unmapped every step. Measured
+``malloc``: glibc ``mallopt`` settings for CPU training loops (mmap threshold 1 GiB, no trimming, top pad 64 MiB),
+so large activation and gradient buffers stay in the heap instead of being ``mmap``-ed and unmapped every step. Measured
 on CPU only (tiny benchmark: page faults per DPO run 270K -> 160K, DPO step -4.5%, GRPO -7%; SmolLM2-135M, whose
 ``[49,152, 576]`` embedding gradients are 108 MiB: page faults per DPO step 40-170K -> under 17K, step time within
-this VM's noise); applied when a CPU fit starts, never at import.
+this VM's noise); applied when a CPU fit starts, never at import. Trimming was at 1 GiB until a step freed more than
+that at once (SmolLM2 GRPO at 512 tokens: several GiB of activations), which then went back to the OS and was faulted
+in again the next step; without it, 165-169 instead of 163-166 tokens/s there (3 runs each, a 2-vCPU Xeon VM). The
+heap keeps its peak size until the process ends.
 
 ``own_weights`` and ``early_adam_state``: when a CPU fit starts, the trained parameters are copied out of the
 checkpoint's file mapping (:func:`own_weights`) and Adam's state is allocated (:func:`early_adam_state`).
@@ -51,7 +54,7 @@ def clip_with_norm(
 
 # mallopt parameter ids and values
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_MALLOC = {_M_MMAP_THRESHOLD: 1 << 30, _M_TRIM_THRESHOLD: 1 << 30, _M_TOP_PAD: 64 << 20}
+_MALLOC = {_M_MMAP_THRESHOLD: 1 << 30, _M_TRIM_THRESHOLD: -1, _M_TOP_PAD: 64 << 20}  # trim -1: never
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
