@@ -3,7 +3,10 @@
 ``clip_with_norm``: gradient clipping reuses the global norm already computed for ``train/grad_norm``
 (``torch.nn.utils.clip_grads_with_norm_``: one pass over the gradients instead of two). Same result as Lightning's
 clipping where it applies: whole gradients on every rank (one device or DDP), fp32 or AMP precision without a loss
-scaler. Measured on CPU: clip 1.7 -> 0.4 ms per benchmark DPO step.
+scaler. Measured on CPU: clip 1.7 -> 0.4 ms per benchmark DPO step. With torch's fused Adam / AdamW the clip costs no
+pass of its own: the optimizer's kernel divides each gradient by ``1 / clip_coef`` as it reads it (its ``grad_scale``
+input, which ``torch.amp.GradScaler`` uses to unscale; set for that one step). Measured on SmolLM2-135M on CPU: the
+clip's ~28 ms pass over 538 MB of gradients (of a ~1.6 s DPO step) gone; weights equal to 1e-5.
 
 ``malloc``: glibc ``mallopt`` settings for CPU training loops (mmap threshold 1 GiB, no trimming, top pad 64 MiB),
 so large activation and gradient buffers stay in the heap instead of being ``mmap``-ed and unmapped every step. Measured
@@ -47,6 +50,14 @@ def clip_with_norm(
     plain = type(plugin) is Precision or (type(plugin) is MixedPrecision and plugin.scaler is None)
     if not plain or type(trainer.strategy) not in (SingleDeviceStrategy, DDPStrategy):
         return False
+    inner = getattr(optimizer, "optimizer", optimizer)  # under a LightningOptimizer: the torch optimizer it steps
+    if type(inner) in (torch.optim.Adam, torch.optim.AdamW) and all(g.get("fused") for g in inner.param_groups):
+        coef = (max_norm / (norm.float() + 1e-6)).clamp(max=1.0)  # clip_grads_with_norm_'s coefficient
+        inner.grad_scale = coef.reciprocal()  # no loss scaler here (checked above): the attribute is only ours
+        if not getattr(inner, "_align_unset_grad_scale", False):
+            inner.register_step_post_hook(lambda opt, *_: vars(opt).pop("grad_scale", None))
+            inner._align_unset_grad_scale = True
+        return True
     grads = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
     return True
