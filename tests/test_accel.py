@@ -729,11 +729,13 @@ def test_fused_layers_leave_wrapped_hooked_and_checkpointed_modules_alone():
 
     wrapped = Wrapped(lm.config.intermediate_size, lm.config.hidden_size, bias=False)
     layers[0].mlp.down_proj = wrapped
-    layers[1].input_layernorm.forward = layers[1].input_layernorm.forward  # a forward of its own (a hook library's)
+    own = layers[1].input_layernorm.forward = layers[1].input_layernorm.forward  # its own (a hook library's)
     with fused_layers(lm) as switched:
         assert switched == len(layers) * 3 + 1 - 2
         assert "forward" not in vars(layers[0].mlp) and "forward" in vars(layers[0].input_layernorm)
-    assert "forward" in vars(layers[1].input_layernorm)  # its own one, kept
+        assert vars(layers[1].input_layernorm)["forward"] is own
+    assert vars(layers[1].input_layernorm)["forward"] is own  # kept, not removed with the others
+    assert "forward" not in vars(layers[0].input_layernorm)
     lm.gradient_checkpointing_enable()
     with fused_layers(lm) as switched:
         assert switched == 0
