@@ -734,6 +734,9 @@ def test_fused_layers_leave_wrapped_hooked_and_checkpointed_modules_alone():
         assert switched == len(layers) * 3 + 1 - 2
         assert "forward" not in vars(layers[0].mlp) and "forward" in vars(layers[0].input_layernorm)
         assert vars(layers[1].input_layernorm)["forward"] is own
+        with fused_layers(lm) as nested:  # a scoring forward inside another: already switched, left to the outer
+            assert nested == 0
+        assert "forward" in vars(layers[0].input_layernorm)
     assert vars(layers[1].input_layernorm)["forward"] is own  # kept, not removed with the others
     assert "forward" not in vars(layers[0].input_layernorm)
     lm.gradient_checkpointing_enable()

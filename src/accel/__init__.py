@@ -177,14 +177,13 @@ class Accel:
     @contextmanager
     def scoring(self, model: nn.Module) -> Iterator[None]:
         """The context scoring forwards run in: ``model``'s RMSNorm and MLP modules by :mod:`src.accel.layers`
-        (``fused_layers``) and ``F.linear`` by oneDNN (``onednn_linear``). Nested uses enter each once."""
+        (``fused_layers``) and ``F.linear`` by oneDNN (``onednn_linear``). Nested uses enter each once (a nested
+        ``fused_layers`` finds the modules switched already and leaves them)."""
         with ExitStack() as stack:
-            if "fused_layers" in self and not getattr(_LOCAL, "layers", False):
+            if "fused_layers" in self:
                 from src.accel.layers import fused_layers
 
                 stack.enter_context(fused_layers(model))
-                _LOCAL.layers = True
-                stack.callback(setattr, _LOCAL, "layers", False)
             if "onednn_linear" in self and not getattr(_LOCAL, "linears", False):
                 from src.accel import onednn
 
