@@ -1,6 +1,6 @@
 """Where one step's time goes on the real-model workload, ours or TRL's: torch.profiler over steady steps, grouped.
 
-    python benchmarks/profile_real.py ours dpo --length 256 [--skip 1] [--steps 1] [--accel auto|off] [--rows 25]
+    python benchmarks/profile_real.py ours dpo --length 256 [--skip 1] [--steps 1] [--accel auto|off] [--rows 25] [--by-name]
     python benchmarks/profile_real.py trl  grpo --length 256
 
 Both sides run their benchmark path (``benchmarks/run.py``'s CLI arguments, ``benchmarks/trl_real.py``'s trainer)
@@ -152,7 +152,7 @@ def phases(ka: Any) -> dict[str, float]:
     return {e.key[len(PHASE) :]: e.cpu_time_total / 1000 for e in ka if e.key.startswith(PHASE)}
 
 
-def report(prof: Any, step_s: float, n_steps: int, config: Any, rows: int) -> dict[str, Any]:
+def report(prof: Any, step_s: float, n_steps: int, config: Any, rows: int, by_name: bool = False) -> dict[str, Any]:
     ka = prof.key_averages(group_by_input_shape=True)
     ph, gr = phases(prof.key_averages()), groups(ka, config)
     step_ms = 1000 * step_s / n_steps
@@ -168,6 +168,8 @@ def report(prof: Any, step_s: float, n_steps: int, config: Any, rows: int) -> di
     for k, v in gr.items():
         print(f"| {k} | {v / n_steps:,.0f} | {v / total:.0%} |")
     print(ka.table(sort_by="self_cpu_time_total", row_limit=rows))
+    if by_name:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
     return dict(
         step_ms=round(step_ms, 1),
         phases_ms={k: round(v / n_steps, 1) for k, v in ph.items()},
@@ -265,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=1, help="profiled steps")
     ap.add_argument("--accel", default=None, help="ours: --model.init_args.accel (auto | off)")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--by-name", action="store_true", help="also print the operators grouped by name only")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the phase and group numbers to this file")
     args = ap.parse_args(argv)
@@ -275,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         prof, wall, config = profile_ours(args.algo, args.length, args.artifacts, args.skip, args.steps, extra)
     else:
         prof, wall, config = profile_trl(args.algo, args.length, args.artifacts, args.skip, args.steps)
-    out = report(prof, wall, args.steps, config, args.rows)
+    out = report(prof, wall, args.steps, config, args.rows, args.by_name)
     out.update(side=args.side, algo=args.algo, length=args.length, accel=args.accel, threads=torch.get_num_threads())
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

@@ -144,6 +144,8 @@ class StepRecorder(_callback_base()):
         self.cpu_train0 = self.cpu_train1 = 0.0  # process CPU time (all threads): a load-robust diagnostic
         self.t_step0 = 0.0
         self.step_times: list[float] = []
+        self.step_faults: list[int] = []  # minor page faults per step (fresh memory the kernel had to map)
+        self.faults0 = 0
         self.losses: list[float] = []
         self.tokens: list[int] = []
         self.tokens_padded: list[int] = []
@@ -158,9 +160,11 @@ class StepRecorder(_callback_base()):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.t_step0 = time.perf_counter()
+        self.faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.step_times.append(time.perf_counter() - self.t_step0)
+        self.step_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.faults0)
         n, n_pad = WORKLOADS[self.workload].count_tokens(batch, outputs)
         self.tokens.append(n)
         self.tokens_padded.append(n_pad)
@@ -293,6 +297,7 @@ def run(
         losses=[round(x, 5) for x in rec.losses],
         **step_stats(rec.step_times),
         step_times_s=[round(x, 4) for x in rec.step_times],
+        step_minor_faults=rec.step_faults,
         setup_s=round(rec.t_train0 - t_setup0, 3),
         fit_wall_s=round(t_end - t_setup0, 3),
         script_wall_s=round(time.perf_counter() - t_script0, 3),

@@ -132,8 +132,14 @@ def test_layout_rule_prefers_the_tree_while_its_attention_is_cheap():
     assert prefix.shared_prompt_layout(pairs, [[3] * 50] * 16) == "tree"
     # GRPO with 16 long generations of one short prompt: the packed row's square is far larger than the cache's
     assert prefix.shared_prompt_layout({tuple(range(20)): list(range(16))}, [[3] * 200] * 16) == "cache"
+    # packed rows attend by tree blocks (the cache layout's work without its padding): the tree, as long as the masks fit
+    assert prefix.shared_prompt_layout({tuple(range(20)): list(range(16))}, [[3] * 200] * 16, packed=True) == "tree"
+    grpo = {tuple(range(64)): [0, 1, 2, 3], tuple(range(1, 65)): [4, 5, 6, 7]}  # the real GRPO benchmark at 128
+    assert prefix.shared_prompt_layout(grpo, [[3] * 64] * 8) == "cache"
+    assert prefix.shared_prompt_layout(grpo, [[3] * 64] * 8, packed=True) == "tree"
     # a mask over the element budget is never built
     assert prefix.shared_prompt_layout({(1,): [0, 1]}, [[3] * 3000] * 2) == "cache"
+    assert prefix.shared_prompt_layout({(1,): [0, 1]}, [[3] * 3000] * 2, packed=True) == "cache"
 
 
 def test_no_sharing_with_activation_checkpointing_or_irregular_rows(model):
@@ -216,6 +222,22 @@ def test_tree_rows_run_packed_without_padding(model, monkeypatch, kind):
     torch.testing.assert_close(no_sparse, plain, rtol=1e-9, atol=1e-9)
     padded = prefix.shared_prompt_hidden(model, ids, attn, comp, packed=False)
     torch.testing.assert_close(rows, padded, rtol=1e-9, atol=1e-9)
+
+
+def test_packed_rows_take_the_tree_where_padded_rows_take_the_cache_layout(model, monkeypatch):
+    """GRPO-like rows (4 generations of a prompt as long as it): padded tree rows would cost 2.8x the cache layout's
+    attention, packed ones attend by blocks, so packing runs one packed forward, and gives the cache layout's states."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [p for p in (_random_tokens(g, 16), _random_tokens(g, 16)) for _ in range(4)]
+    ids, attn, comp = _batch(prompts, [_random_tokens(g, 16) for _ in range(8)], left_pad_prompts=True)
+    used = []
+    for name in ("tree_hidden", "cached_hidden"):
+        fn = getattr(prefix, name)
+        monkeypatch.setattr(prefix, name, lambda *a, _fn=fn, _name=name, **k: used.append(_name) or _fn(*a, **k))
+    packed = prefix.shared_prompt_hidden(model, ids, attn, comp, packed=True, sparse=True)
+    cached = prefix.shared_prompt_hidden(model, ids, attn, comp, packed=False)
+    assert used == ["tree_hidden", "cached_hidden"]
+    torch.testing.assert_close(packed, cached, rtol=1e-9, atol=1e-9)
 
 
 def test_packed_attention_runs_by_blocks_of_the_tree(monkeypatch):

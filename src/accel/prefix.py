@@ -95,8 +95,9 @@ def shares_prompts(inner: nn.Module) -> bool:
 # but padded tree rows attend over every row's full square, so the tree is used while that costs at most
 # _TREE_MAX_ATTENTION x the cache layout's attention (padded widths) and its mask stays small (benchmark DPO,
 # 8 pairs: 1.4x the attention, -14% step time, then -8 to -11% from packing; GRPO, 4 x 4: 1.9x, -8%; see
-# benchmarks/README.md). Packed rows attend by blocks (no more work than the cache layout) but keep this rule: GRPO
-# at 4 x 256 tokens on SmolLM2-135M (cache layout) measured within noise of the packed tree.
+# benchmarks/README.md). Packed rows attend by blocks, no more work than the cache layout, so the rule then counts
+# the blocks and the packed tree is taken whenever its masks fit (SmolLM2-135M GRPO, 2 x 4 generations, 2-vCPU Xeon VM:
+# +2-5% tokens/s at 128, 256 and 512 tokens and 290-330 MiB less peak memory than the cache layout, 2 runs each).
 _TREE_MAX_ATTENTION = 2.5
 _TREE_MAX_MASK = 1 << 24  # elements of the [rows, 1, W, W] mask
 
@@ -237,15 +238,24 @@ def cached_hidden(
     return row_major(parts, grouped_rows, n)
 
 
-def shared_prompt_layout(groups: dict[tuple[int, ...], list[int]], completions: list[list[int]]) -> str:
-    """``"tree"`` or ``"cache"``: the tree while its attention work (every packed row's ``W²``) stays within
-    ``_TREE_MAX_ATTENTION`` x the cache layout's (``P²`` per prompt, ``C·(P + C)`` per completion, padded widths) and
-    its mask within ``_TREE_MAX_MASK`` elements."""
+def shared_prompt_layout(
+    groups: dict[tuple[int, ...], list[int]], completions: list[list[int]], *, packed: bool = False
+) -> str:
+    """``"tree"`` or ``"cache"``: the tree while its attention work stays within ``_TREE_MAX_ATTENTION`` x the cache
+    layout's (``P²`` per prompt, ``C·(P + C)`` per completion, padded widths) and its mask within ``_TREE_MAX_MASK``
+    elements. The tree's work is every padded row's ``W²``, or with ``packed`` rows (attention by tree blocks) the
+    same block sums as the cache layout's without padding."""
     p = max(map(len, groups))
     c = max(map(len, completions))
     w = max(len(k) + sum(len(completions[b]) for b in rows) for k, rows in groups.items())
-    tree, cached = len(groups) * w * w, len(groups) * p * p + len(completions) * c * (p + c)
-    return "tree" if tree <= _TREE_MAX_ATTENTION * cached and tree <= _TREE_MAX_MASK else "cache"
+    mask, cached = len(groups) * w * w, len(groups) * p * p + len(completions) * c * (p + c)
+    tree = mask
+    if packed:
+        tree = sum(
+            len(k) ** 2 + sum(len(completions[b]) * (len(k) + len(completions[b])) for b in rows)
+            for k, rows in groups.items()
+        )
+    return "tree" if tree <= _TREE_MAX_ATTENTION * cached and mask <= _TREE_MAX_MASK else "cache"
 
 
 def shared_prompt_hidden(
@@ -275,7 +285,8 @@ def shared_prompt_hidden(
         return None
     groups, completions = parsed
     attn_impl = getattr(inner.config, "_attn_implementation", None)
-    if attn_impl in ("sdpa", "eager") and shared_prompt_layout(groups, completions) == "tree":
+    packed = packed and packs_rows(inner)
+    if attn_impl in ("sdpa", "eager") and shared_prompt_layout(groups, completions, packed=packed) == "tree":
         return tree_hidden(inner, groups, completions, input_ids.device, packed=packed, sparse=sparse)
     return cached_hidden(inner, groups, completions, input_ids.device, grouped=grouped)
 
