@@ -1,6 +1,7 @@
 """Where one step's time goes on the real-model workload, ours or TRL's: torch.profiler over steady steps, grouped.
 
-    python benchmarks/profile_real.py ours dpo --length 256 [--skip 1] [--steps 1] [--accel auto|off] [--rows 25] [--by-name]
+    python benchmarks/profile_real.py ours dpo --length 256 [--skip 1] [--steps 1] [--accel auto|off] [--rows 25]
+        [--by-name]
     python benchmarks/profile_real.py trl  grpo --length 256
 
 Both sides run their benchmark path (``benchmarks/run.py``'s CLI arguments, ``benchmarks/trl_real.py``'s trainer)

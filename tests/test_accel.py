@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,7 @@ def test_layout_rule_prefers_the_tree_while_its_attention_is_cheap():
     assert prefix.shared_prompt_layout(pairs, [[3] * 50] * 16) == "tree"
     # GRPO with 16 long generations of one short prompt: the packed row's square is far larger than the cache's
     assert prefix.shared_prompt_layout({tuple(range(20)): list(range(16))}, [[3] * 200] * 16) == "cache"
-    # packed rows attend by tree blocks (the cache layout's work without its padding): the tree, as long as the masks fit
+    # packed rows attend by tree blocks (the cache layout's work without padding): the tree, as long as the masks fit
     assert prefix.shared_prompt_layout({tuple(range(20)): list(range(16))}, [[3] * 200] * 16, packed=True) == "tree"
     grpo = {tuple(range(64)): [0, 1, 2, 3], tuple(range(1, 65)): [4, 5, 6, 7]}  # the real GRPO benchmark at 128
     assert prefix.shared_prompt_layout(grpo, [[3] * 64] * 8) == "cache"
@@ -312,7 +313,7 @@ def test_auto_turns_on_only_what_was_measured_for_the_device_and_family(monkeypa
     class OtherFamily(torch.nn.Module):
         config = type("Config", (), {"model_type": "gemma2"})()
 
-    any_model = {"growing_cache", "clip_with_norm", "malloc", "own_weights", "early_adam_state"}
+    any_model = {"growing_cache", "clip_with_norm", "dot_norm", "malloc", "own_weights", "early_adam_state"}
     assert Accel.resolve("auto", OtherFamily(), "cpu").features == any_model
     OtherFamily.config.hidden_size = 2048
     assert Accel.resolve("auto", OtherFamily(), "cpu").features == any_model | {"onednn_linear"}
@@ -418,7 +419,14 @@ def test_an_unchecked_transformers_version_falls_back_to_the_plain_path(monkeypa
     with caplog.at_level(logging.WARNING, logger="src.accel"):
         chosen = Accel.resolve("auto", load_causal_lm("tiny"), "cpu")
     # the ones that read no transformers internals
-    assert chosen.features == {"clip_with_norm", "length_groups", "malloc", "own_weights", "early_adam_state"}
+    assert chosen.features == {
+        "clip_with_norm",
+        "dot_norm",
+        "length_groups",
+        "malloc",
+        "own_weights",
+        "early_adam_state",
+    }
     assert len(caplog.records) == 1 and "not a checked version" in caplog.records[0].getMessage()
 
 
@@ -601,6 +609,33 @@ def test_gradients_are_freed_after_each_optimizer_step_not_between_accumulated_b
     cli = run_cli(["fit", "--config", "dpo.yaml", *args])
     assert cli.trainer.global_step == 2
     assert seen == [False, True, False, True]
+
+
+def test_dot_norm_is_the_global_gradient_norm():
+    """``dot_norm``: the norm of fp32 CPU gradients by BLAS dot products, closer to a float64 sum than torch's own
+    (a 28M-element tensor like SmolLM2's embedding gradient included); NaN / Inf propagate; anything else (another
+    dtype, a non-contiguous or sparse gradient) goes to ``torch.nn.utils.get_total_norm``."""
+    from src.accel import runtime
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(49152, 576, generator=g) * 1e-3, torch.randn(1536, 576, generator=g), torch.randn(576)]
+    exact = sum(float(t.double().square().sum()) for t in grads) ** 0.5
+    norm = Accel(["dot_norm"]).total_norm(grads)
+    assert norm.dtype == torch.float32 and norm.shape == ()
+    plain = Accel().total_norm(grads)
+    assert abs(float(norm) - exact) / exact < 2e-5
+    assert abs(float(norm) - exact) <= abs(float(plain) - exact)
+    assert float(plain) == pytest.approx(float(norm), rel=1e-3)
+    for bad, check in ((float("nan"), math.isnan), (float("inf"), math.isinf)):
+        poisoned = [t.clone() for t in grads[1:]]
+        poisoned[0][3, 4] = bad
+        assert check(float(runtime.dot_norm(poisoned)))
+    assert runtime.dot_norm([grads[1].t()]) is None  # not contiguous
+    assert runtime.dot_norm([grads[2].double()]) is None
+    assert runtime.dot_norm([torch.eye(3).to_sparse()]) is None
+    assert runtime.dot_norm([]) is None
+    odd = [grads[1].t(), grads[2]]
+    torch.testing.assert_close(Accel(["dot_norm"]).total_norm(odd), torch.nn.utils.get_total_norm(odd))
 
 
 # ------------------------------------------------------------------------------------------------ whole runs

@@ -17,6 +17,7 @@ feature                what it does                                     where it
 ``fused_layers``       RMSNorm and SwiGLU MLP keep ~half for backward   CPU, Llama / Mistral / Qwen2
 ``onednn_linear``      fp32 linear layers of scoring by oneDNN          non-Intel CPU, one process, hidden >= 512
 ``clip_with_norm``     clipping reuses the logged gradient norm          CPU, any model
+``dot_norm``           gradient norm by BLAS dot products                CPU, any model
 ``malloc``             glibc allocator settings during a CPU fit         CPU (glibc), any model
 ``own_weights``        trained weights copied out of the file mapping    CPU, any model
 ``early_adam_state``   Adam's state allocated when the fit starts       CPU, Adam / AdamW
@@ -51,6 +52,7 @@ FEATURES = (
     "fused_layers",
     "onednn_linear",
     "clip_with_norm",
+    "dot_norm",
     "malloc",
     "own_weights",
     "early_adam_state",
@@ -58,7 +60,7 @@ FEATURES = (
 LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
 # what ``auto`` turns on, per device type: family-independent features, and those measured on the Llama family
 _AUTO_ANY_MODEL = {
-    "cpu": ("growing_cache", "onednn_linear", "clip_with_norm", "malloc", "own_weights", "early_adam_state")
+    "cpu": ("growing_cache", "onednn_linear", "clip_with_norm", "dot_norm", "malloc", "own_weights", "early_adam_state")
 }
 _AUTO_LLAMA_FAMILY = {"cpu": FEATURES}
 # features that read or subclass private transformers internals, and the major versions they were checked against
@@ -209,6 +211,17 @@ class Accel:
         return preallocate_cache(cache, capacity)
 
     # -- the training loop (src/modules/base.py) ------------------------------------------------------------------
+    def total_norm(self, grads: list[Tensor]) -> Tensor:
+        """The global L2 norm of ``grads``: by BLAS dot products (``dot_norm``) where that applies, else
+        ``torch.nn.utils.get_total_norm``."""
+        if "dot_norm" in self:
+            from src.accel.runtime import dot_norm
+
+            norm = dot_norm(grads)
+            if norm is not None:
+                return norm
+        return torch.nn.utils.get_total_norm(grads)
+
     def clip(self, trainer: Any, optimizer: torch.optim.Optimizer, max_norm: float, norm: Tensor | None) -> bool:
         """Clip with the already computed ``norm`` (``clip_with_norm``); ``False``: clip the plain way."""
         if "clip_with_norm" not in self:

@@ -229,7 +229,7 @@ class AlignmentModule(LightningModule):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return None
-        norm = torch.nn.utils.get_total_norm(grads)
+        norm = self.accel.total_norm(grads)
         trainer = self.attached_trainer()
         if trainer is not None and trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
             norm = trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()  # sharded: every rank decides alike
