@@ -314,6 +314,7 @@ def test_auto_turns_on_only_what_was_measured_for_the_device_and_family(monkeypa
         config = type("Config", (), {"model_type": "gemma2"})()
 
     any_model = {"growing_cache", "clip_with_norm", "dot_norm", "malloc", "own_weights", "early_adam_state"}
+    any_model.add("concurrent_reference")
     assert Accel.resolve("auto", OtherFamily(), "cpu").features == any_model
     OtherFamily.config.hidden_size = 2048
     assert Accel.resolve("auto", OtherFamily(), "cpu").features == any_model | {"onednn_linear"}
@@ -422,6 +423,7 @@ def test_an_unchecked_transformers_version_falls_back_to_the_plain_path(monkeypa
     assert chosen.features == {
         "clip_with_norm",
         "dot_norm",
+        "concurrent_reference",
         "length_groups",
         "malloc",
         "own_weights",
@@ -636,6 +638,65 @@ def test_dot_norm_is_the_global_gradient_norm():
     assert runtime.dot_norm([]) is None
     odd = [grads[1].t(), grads[2]]
     torch.testing.assert_close(Accel(["dot_norm"]).total_norm(odd), torch.nn.utils.get_total_norm(odd))
+
+
+def test_together_runs_the_reference_on_a_worker_thread_with_one_thread_each(request):
+    """``concurrent_reference``: the reference callable runs on the worker thread without autograd, each side with one
+    intra-op thread, and this thread's count is restored; an error in either side is raised here, after both ran;
+    under autocast (thread-local) and without a separate reference model both run here, one after the other."""
+    import threading
+
+    from src.accel import runtime
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the worker needs two threads to split (restored below)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    seen = {}
+
+    def side(name):
+        def run():
+            seen[name] = (threading.current_thread().name, torch.is_grad_enabled(), torch.get_num_threads())
+            return name
+
+        return run
+
+    ref_model = torch.nn.Linear(2, 2)
+    accel = Accel(["concurrent_reference"])
+    assert accel.together(side("policy"), side("reference"), ref_model) == ("policy", "reference")
+    assert seen["policy"][0] == threading.current_thread().name and seen["policy"][1:] == (True, 1)
+    assert seen["reference"][0].startswith("align-reference") and seen["reference"][1:] == (False, 1)
+    assert torch.get_num_threads() == 2
+
+    def boom():
+        raise RuntimeError("reference failed")
+
+    with pytest.raises(RuntimeError, match="reference failed"):
+        accel.together(side("policy"), boom, ref_model)
+    assert torch.get_num_threads() == 2
+    seen.clear()
+    for run in (
+        lambda: accel.together(side("policy"), side("reference"), None),  # LoRA's reference / precomputed
+        lambda: Accel().together(side("policy"), side("reference"), ref_model),  # feature off
+    ):
+        run()
+        assert seen["reference"][0] == threading.current_thread().name and seen["reference"][1] is True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        runtime.together(side("policy"), side("reference"))
+    assert seen["reference"][0] == threading.current_thread().name
+
+
+def test_concurrent_reference_gives_the_sequential_losses(run_cli, monkeypatch):
+    """The embedded DPO default with the reference's forward on the worker thread: the same per-step losses (1e-6)."""
+    from src.accel import runtime
+
+    args = ["fit", "--config", "dpo.yaml", *FAST, "--trainer.max_steps=4", "--trainer.limit_val_batches=0"]
+    calls = []
+    monkeypatch.setattr(runtime, "together", lambda *a, real=runtime.together: calls.append(1) or real(*a))
+    together = _train_losses(run_cli([*args, "--model.init_args.accel=[concurrent_reference]"]))
+    assert len(calls) == 4  # one per training step
+    alone = _train_losses(run_cli([*args, "--model.init_args.accel=off"]))
+    assert len(together) == len(alone) == 4
+    assert max(abs(a - b) for a, b in zip(together, alone)) < 1e-6
 
 
 # ------------------------------------------------------------------------------------------------ whole runs

@@ -18,6 +18,7 @@ feature                what it does                                     where it
 ``onednn_linear``      fp32 linear layers of scoring by oneDNN          non-Intel CPU, one process, hidden >= 512
 ``clip_with_norm``     clipping reuses the logged gradient norm          CPU, any model
 ``dot_norm``           gradient norm by BLAS dot products                CPU, any model
+``concurrent_reference``  DPO's reference forward on a second thread      CPU, any model (separate reference)
 ``malloc``             glibc allocator settings during a CPU fit         CPU (glibc), any model
 ``own_weights``        trained weights copied out of the file mapping    CPU, any model
 ``early_adam_state``   Adam's state allocated when the fit starts       CPU, Adam / AdamW
@@ -53,6 +54,7 @@ FEATURES = (
     "onednn_linear",
     "clip_with_norm",
     "dot_norm",
+    "concurrent_reference",
     "malloc",
     "own_weights",
     "early_adam_state",
@@ -60,7 +62,16 @@ FEATURES = (
 LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
 # what ``auto`` turns on, per device type: family-independent features, and those measured on the Llama family
 _AUTO_ANY_MODEL = {
-    "cpu": ("growing_cache", "onednn_linear", "clip_with_norm", "dot_norm", "malloc", "own_weights", "early_adam_state")
+    "cpu": (
+        "growing_cache",
+        "onednn_linear",
+        "clip_with_norm",
+        "dot_norm",
+        "concurrent_reference",
+        "malloc",
+        "own_weights",
+        "early_adam_state",
+    )
 }
 _AUTO_LLAMA_FAMILY = {"cpu": FEATURES}
 # features that read or subclass private transformers internals, and the major versions they were checked against
@@ -221,6 +232,16 @@ class Accel:
             if norm is not None:
                 return norm
         return torch.nn.utils.get_total_norm(grads)
+
+    def together(self, policy: Any, reference: Any, ref_model: nn.Module | None) -> tuple[Any, Any]:
+        """``(policy(), reference())``: concurrently (``concurrent_reference``) where the reference is a model of its
+        own on the CPU (not the policy with its adapters off, not precomputed log-probs), else one after the other."""
+        cpu = ref_model is not None and next(ref_model.parameters()).device.type == "cpu"
+        if "concurrent_reference" in self and cpu:
+            from src.accel.runtime import together
+
+            return together(policy, reference)
+        return policy(), reference()
 
     def clip(self, trainer: Any, optimizer: torch.optim.Optimizer, max_norm: float, norm: Tensor | None) -> bool:
         """Clip with the already computed ``norm`` (``clip_with_norm``); ``False``: clip the plain way."""

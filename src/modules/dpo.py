@@ -130,9 +130,10 @@ class DPO(AlignmentModule):
         return seq[:b], seq[b:]
 
     def reference_sequence_logps(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """The reference's :meth:`sequence_logps` (precomputed ones when the batch carries them)."""
-        if "ref_chosen_logps" in batch:
-            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        """The reference's :meth:`sequence_logps` (precomputed ones when the batch carries them; none without a
+        reference)."""
+        if self.reference_free or "ref_chosen_logps" in batch:
+            return batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps")
         mask = batch["completion_mask"]
         return self.sequence_logps(self.reference_logps(batch["input_ids"], batch["attention_mask"], mask), mask)
 
@@ -140,11 +141,12 @@ class DPO(AlignmentModule):
     def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         h = self.hparams
         mask = batch["completion_mask"]
-        token_logps, log_sum_sq = self.policy_token_logps(batch)
+        # the reference's forward may run beside the policy's (accel feature concurrent_reference)
+        policy, reference = lambda: self.policy_token_logps(batch), lambda: self.reference_sequence_logps(batch)
+        (token_logps, log_sum_sq), (ref_chosen, ref_rejected) = self.accel.together(policy, reference, self.ref_model)
         chosen, rejected = self.sequence_logps(token_logps, mask)
         b = chosen.shape[0]
         lengths = mask[:, 1:].sum(-1)  # completion tokens (position 0 is never one)
-        ref_chosen, ref_rejected = (None, None) if self.reference_free else self.reference_sequence_logps(batch)
         pair_weights = None
         if h.use_weighting:
             w = wpo_weights(token_logps, log_sum_sq, mask)
