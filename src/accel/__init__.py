@@ -5,24 +5,24 @@ The modules take ``accel: auto | off | [feature, ...]`` (``--model.init_args.acc
 device and model family (below); a list turns on exactly the named features (each still falls back to the plain path
 where it cannot apply: e.g. the prefix layouts need rows of the form ``[pad] prompt completion [pad]``).
 
-=====================  ===============================================  ======================================
-feature                what it does                                     where it was measured (``auto`` on)
-=====================  ===============================================  ======================================
-``prefix_sharing``     rows sharing a prompt run it once (tree / cache)  CPU, Llama (tiny + benchmark model)
-``packed_rows``        tree rows packed end to end, attention by block   CPU, Llama / Mistral / Qwen2
-``sparse_last_layer``  last layer only where states are read             CPU, Llama / Mistral / Qwen2
-``length_groups``      large batches in length-sorted groups             CPU, Llama
-``fast_decode``        lean decode loop over a preallocated KV buffer    CPU, Llama / Mistral / Qwen2
-``growing_cache``      KV cache layers append into a buffer              CPU, any transformers 5 model
-``fused_layers``       RMSNorm and SwiGLU MLP keep ~half for backward   CPU, Llama / Mistral / Qwen2
-``onednn_linear``      fp32 linear layers of scoring by oneDNN          non-Intel CPU, one process, hidden >= 512
-``clip_with_norm``     clipping reuses the logged gradient norm          CPU, any model
-``dot_norm``           gradient norm by BLAS dot products                CPU, any model
-``concurrent_reference``  DPO's reference forward on a second thread      CPU, any model (separate reference)
-``malloc``             glibc allocator settings during a CPU fit         CPU (glibc), any model
-``own_weights``        trained weights copied out of the file mapping    CPU, any model
-``early_adam_state``   Adam's state allocated when the fit starts       CPU, Adam / AdamW
-=====================  ===============================================  ======================================
+========================  ================================================  =========================================
+feature                   what it does                                      where it was measured (``auto`` on)
+========================  ================================================  =========================================
+``prefix_sharing``        rows sharing a prompt run it once (tree / cache)  CPU, Llama (tiny + benchmark model)
+``packed_rows``           tree rows packed end to end, attention by block   CPU, Llama / Mistral / Qwen2
+``sparse_last_layer``     last layer only where states are read             CPU, Llama / Mistral / Qwen2
+``length_groups``         large batches in length-sorted groups             CPU, Llama
+``fast_decode``           lean decode loop over a preallocated KV buffer    CPU, Llama / Mistral / Qwen2
+``growing_cache``         KV cache layers append into a buffer              CPU, any transformers 5 model
+``fused_layers``          RMSNorm and SwiGLU MLP keep ~half for backward    CPU, Llama / Mistral / Qwen2
+``onednn_linear``         fp32 linear layers of scoring by oneDNN           non-Intel CPU, one process, hidden >= 512
+``clip_with_norm``        clipping reuses the logged gradient norm          CPU, any model
+``dot_norm``              gradient norm by BLAS dot products                CPU, any model
+``concurrent_reference``  DPO's reference forward on a second thread        CPU, any model (separate reference)
+``malloc``                glibc allocator settings during a CPU fit         CPU (glibc), any model
+``own_weights``           trained weights copied out of the file mapping    CPU, any model
+``early_adam_state``      Adam's state allocated when the fit starts        CPU, Adam / AdamW
+========================  ================================================  =========================================
 
 Nothing is on by ``auto`` on CUDA or other accelerators until it has been measured there. Every feature has an
 equivalence test against the plain path (``tests/test_accel.py``: states, log-probs, gradients, tokens). Features

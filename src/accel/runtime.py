@@ -111,8 +111,9 @@ def together(policy: Callable[[], Any], reference: Callable[[], Any]) -> tuple[A
     threads. ``reference`` runs without autograd; an exception in either is raised here after both finished.
 
     A small batch's forward on a few cores parallelises poorly (thread hand-offs, GEMM tiles, Python between kernels
-    with a core idle): SmolLM2-135M DPO at 128 tokens on a 2-vCPU Xeon VM, 299 / 297 instead of 288 / 288 tokens/s
-    (same losses to 1e-5), ~170 MiB more peak memory (both forwards' transients at once)."""
+    with a core idle): SmolLM2-135M DPO at 128 tokens on a 2-vCPU Xeon VM, 299, 297, 311, 294 instead of 288, 288, 296,
+    294 tokens/s (alternating runs; same losses to 1e-5), 110-170 MiB more peak memory (both forwards' transients at
+    once)."""
     global _WORKER
     threads = torch.get_num_threads()
     if threads < 2 or torch.is_autocast_enabled("cpu") or onednn.several_processes():
