@@ -60,19 +60,12 @@ FEATURES = (
     "early_adam_state",
 )
 LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
+# features measured on the Llama family only (its module layout, or only measured there)
+_LLAMA_ONLY = frozenset(
+    {"prefix_sharing", "packed_rows", "sparse_last_layer", "length_groups", "fast_decode", "fused_layers"}
+)
 # what ``auto`` turns on, per device type: family-independent features, and those measured on the Llama family
-_AUTO_ANY_MODEL = {
-    "cpu": (
-        "growing_cache",
-        "onednn_linear",
-        "clip_with_norm",
-        "dot_norm",
-        "concurrent_reference",
-        "malloc",
-        "own_weights",
-        "early_adam_state",
-    )
-}
+_AUTO_ANY_MODEL = {"cpu": tuple(f for f in FEATURES if f not in _LLAMA_ONLY)}
 _AUTO_LLAMA_FAMILY = {"cpu": FEATURES}
 # features that read or subclass private transformers internals, and the major versions they were checked against
 _PRIVATE_TRANSFORMERS = frozenset(
