@@ -699,24 +699,6 @@ def test_concurrent_reference_gives_the_sequential_losses(run_cli, monkeypatch):
     assert max(abs(a - b) for a, b in zip(together, alone)) < 1e-6
 
 
-def test_concurrent_reference_in_grpo_scores_beside_the_first_policy_forward(run_cli, monkeypatch):
-    """On-policy GRPO: the reference's log-probs are computed beside the step's first policy forward, once per step;
-    the first step (same weights, same noise) gives the sequential run's loss, KL and rewards."""
-    from src.accel import runtime
-
-    args = ["fit", "--config", "grpo.yaml", *FAST, "--trainer.max_steps=2", "--trainer.limit_val_batches=0"]
-    calls = []
-    monkeypatch.setattr(runtime, "together", lambda *a, real=runtime.together: calls.append(1) or real(*a))
-    runs = {}
-    for accel in ("[concurrent_reference]", "off"):
-        rows = read_metrics(run_cli([*args, f"--model.init_args.accel={accel}"]).trainer.logger.log_dir)
-        runs[accel] = [r for r in rows if r.get("train/loss")]
-    assert len(calls) == 2  # one per step, none with the feature off
-    together, alone = runs["[concurrent_reference]"][0], runs["off"][0]
-    for key in ("train/loss", "train/kl", "train/reward"):
-        assert float(together[key]) == pytest.approx(float(alone[key]), abs=1e-6), key
-
-
 # ------------------------------------------------------------------------------------------------ whole runs
 def _train_losses(cli) -> list[float]:
     rows = read_metrics(cli.trainer.logger.log_dir)

@@ -18,7 +18,7 @@ feature                   what it does                                      wher
 ``onednn_linear``         fp32 linear layers of scoring by oneDNN           non-Intel CPU, one process, hidden >= 512
 ``clip_with_norm``        clipping reuses the logged gradient norm          CPU, any model
 ``dot_norm``              gradient norm by BLAS dot products                CPU, any model
-``concurrent_reference``  the reference's forward on a second thread        CPU, any model (separate reference)
+``concurrent_reference``  DPO's reference forward on a second thread        CPU, any model (separate reference)
 ``malloc``                glibc allocator settings during a CPU fit         CPU (glibc), any model
 ``own_weights``           trained weights copied out of the file mapping    CPU, any model
 ``early_adam_state``      Adam's state allocated when the fit starts        CPU, Adam / AdamW

@@ -13,8 +13,7 @@ clip's ~28 ms pass over 538 MB of gradients (of a ~1.6 s DPO step) gone, DPO at 
 
 ``dot_norm``: the global gradient norm (``train/grad_norm``, and the clip's) by BLAS dot products (:func:`dot_norm`).
 
-``concurrent_reference``: the reference's forward (DPO; on-policy GRPO) on a second thread beside the policy's
-(:func:`together`).
+``concurrent_reference``: DPO's reference forward on a second thread beside the policy's (:func:`together`).
 
 ``malloc``: glibc ``mallopt`` settings for CPU training loops (mmap threshold 1 GiB, no trimming, top pad 64 MiB),
 so large activation and gradient buffers stay in the heap instead of being ``mmap``-ed and unmapped every step. Measured
@@ -114,8 +113,7 @@ def together(policy: Callable[[], Any], reference: Callable[[], Any]) -> tuple[A
     A small batch's forward on a few cores parallelises poorly (thread hand-offs, GEMM tiles, Python between kernels
     with a core idle): SmolLM2-135M DPO at 128 tokens on a 2-vCPU Xeon VM, 299, 297, 311, 294 instead of 288, 288, 296,
     294 tokens/s (alternating runs; same losses to 1e-5), 110-170 MiB more peak memory (both forwards' transients at
-    once). On-policy GRPO scores the reference beside its step's first policy forward: SmolLM2-135M at 128 tokens,
-    170.8, 175.4, 176.0 instead of 169.0, 173.6, 168.9 tokens/s (alternating runs), up to ~370 MiB more peak memory."""
+    once)."""
     global _WORKER
     threads = torch.get_num_threads()
     if threads < 2 or torch.is_autocast_enabled("cpu") or onednn.several_processes():

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -205,9 +204,7 @@ class GRPO(OnlineModule):
         with torch.no_grad():
             sampling = torch.cat([self.token_logps(buf, s)[0] for s in chunks]) if reuse or rloo_kl else None
             buf["old_logps"] = sampling if reuse else None
-            ref = (lambda: torch.cat([self.ref_token_logps(buf, s) for s in chunks])) if h.beta > 0 else None
-            # on-policy: the reference may run beside the first policy forward (accel feature concurrent_reference)
-            buf["ref_logps"] = ref if ref is None or (not reuse and not rloo_kl) else ref()
+            buf["ref_logps"] = torch.cat([self.ref_token_logps(buf, s) for s in chunks]) if h.beta > 0 else None
             if rloo_kl:  # RLOO: the KL of the sampling policy to the reference is part of the reward
                 buf["seq_kl"] = sequence_kl_penalty(sampling, buf["ref_logps"], loss_mask)
                 buf["rloo_kl"] = masked_sum(sampling - buf["ref_logps"], loss_mask) / loss_mask.sum().clamp(min=1)
@@ -273,11 +270,7 @@ class GRPO(OnlineModule):
         for s in self._chunks(n_rows, h.micro_batch_size):
             idx = torch.arange(rows.start, rows.stop, device=self.device)[s]
             share = (s.stop - s.start) / n_rows
-            policy = partial(self.token_logps, buf, idx, with_entropy=True, entropy_grad=self.entropy_bonus)
-            if callable(buf["ref_logps"]):  # the first micro-batch of an on-policy step
-                (logps, entropy), buf["ref_logps"] = self.accel.together(policy, buf["ref_logps"], self.ref_model)
-            else:
-                logps, entropy = policy()
+            logps, entropy = self.token_logps(buf, idx, with_entropy=True, entropy_grad=self.entropy_bonus)
             m = buf["loss_mask"][idx]
             old = logps.detach() if buf["old_logps"] is None else buf["old_logps"][idx]
             token_mask = None
