@@ -860,3 +860,85 @@ def test_fused_layers_leave_wrapped_hooked_and_checkpointed_modules_alone():
     lm.gradient_checkpointing_enable()
     with fused_layers(lm) as switched:
         assert switched == 0
+
+
+def _rope_inputs(half_equal: bool = True) -> tuple[torch.Tensor, ...]:
+    """q ``[2, 6, 40, 16]`` and k ``[2, 2, 40, 16]`` laid out as transformers' attention makes them (projections viewed
+    per head, then transposed), cos / sin ``[2, 40, 16]``: the halves equal as a rotary embedding makes them, or not."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 40, 6, 16).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 40, 2, 16).transpose(1, 2).requires_grad_()
+    angles = torch.rand(2, 40, 8) * 6
+    angles = torch.cat([angles, angles if half_equal else torch.rand(2, 40, 8)], -1)
+    return q, k, angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("half_equal", [True, False])
+def test_fused_rotary_gives_transformers_outputs_and_gradients_bit_for_bit(half_equal):
+    from transformers.models.llama import modeling_llama
+
+    from src.accel.layers import RotaryFunction
+
+    q, k, cos, sin = _rope_inputs(half_equal)
+    plain = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    fused = RotaryFunction.apply(q, k, cos.unsqueeze(1), sin.unsqueeze(1))
+    grads = [torch.randn_like(t) for t in plain]
+    for a, b in zip(plain, fused):
+        assert torch.equal(a, b) and a.stride() == b.stride()
+    for a, b in zip(torch.autograd.grad(plain, (q, k), grads), torch.autograd.grad(fused, (q, k), grads, retain_graph=True)):
+        assert torch.equal(a, b)
+    # the gradient is the rotation's transpose: <R x, g> == <x, R^T g>
+    (gq,) = torch.autograd.grad(fused[0], q, grads[0])
+    assert torch.allclose((fused[0] * grads[0]).sum(), (q * gq).sum(), rtol=1e-5)
+
+
+def test_fused_rotary_is_what_attention_calls_inside_the_context_counted_across_threads():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers.models.llama import modeling_llama
+    from transformers.models.qwen2 import modeling_qwen2
+
+    from src.accel import layers
+
+    originals = modeling_llama.apply_rotary_pos_emb, modeling_qwen2.apply_rotary_pos_emb
+    calls = []
+    forward = layers.RotaryFunction.forward
+    lm = load_causal_lm("tiny")
+    ids = torch.randint(3, 2048, (2, 24))
+    plain = lm(input_ids=ids).logits
+    entered, release = threading.Event(), threading.Event()
+
+    def reference_scoring() -> None:  # a reference's scoring context on another thread, open until released
+        with layers.fused_layers(lm):
+            entered.set()
+            release.wait(30)
+
+    try:
+        layers.RotaryFunction.forward = staticmethod(lambda ctx, *a: calls.append(1) or forward(ctx, *a))
+        with ThreadPoolExecutor(1) as pool:
+            with layers.fused_layers(lm):
+                assert modeling_llama.apply_rotary_pos_emb is not originals[0]
+                assert modeling_qwen2.apply_rotary_pos_emb is not originals[1]
+                held = pool.submit(reference_scoring)
+                assert entered.wait(30) and layers._ROTARY_USERS == 2
+                with layers.fused_layers(lm):  # nested
+                    assert layers._ROTARY_USERS == 3
+                    fused = lm(input_ids=ids).logits
+            assert layers._ROTARY_USERS == 1  # the policy's context closed first: the reference's still has it
+            assert modeling_llama.apply_rotary_pos_emb is not originals[0]
+            release.set()
+            held.result()
+    finally:
+        layers.RotaryFunction.forward = forward
+        release.set()
+    assert len(calls) == lm.config.num_hidden_layers
+    assert torch.equal(fused, plain)
+    assert (modeling_llama.apply_rotary_pos_emb, modeling_qwen2.apply_rotary_pos_emb) == originals
+    assert layers._ROTARY_USERS == 0
+    # mixed dtypes (bf16 projections, fp32 cos / sin under autocast) promote op by op: transformers' function runs
+    with layers.fused_rotary():
+        q, k, cos, sin = _rope_inputs()
+        out = modeling_llama.apply_rotary_pos_emb(q.bfloat16(), k.bfloat16(), cos, sin)
+        assert out[0].dtype == torch.float32 and "Rotary" not in type(out[0].grad_fn).__name__
+        assert torch.equal(out[0], originals[0](q.bfloat16(), k.bfloat16(), cos, sin)[0])

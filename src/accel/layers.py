@@ -15,13 +15,22 @@ first time); DPO at 128 and 256 tokens the same speed (the recomputation costs a
 Applied while a scoring forward runs (:meth:`src.accel.Accel.scoring`), to modules of exactly transformers' Llama /
 Mistral / Qwen2 classes whose weights are plain tensors (a LoRA or other wrapped ``down_proj`` keeps the plain MLP);
 not with gradient checkpointing (its recomputation runs in backward, after the context).
+
+Rotary embeddings (:class:`RotaryFunction`): transformers' ``apply_rotary_pos_emb`` computes ``x * cos +
+rotate_half(x) * sin`` with a negated copy and a concatenation per tensor, and autograd runs it backward op by op.
+Within the context the three families' modules call :func:`fused_rotary`'s function instead: each half of the output
+written once from products of halves (and the adjoint in backward), the same operations in the same order, so outputs
+and gradients are equal bit for bit. One layer of SmolLM2-135M at 768 tokens, 2 threads: forward 1.05 -> 0.56 ms,
+forward + backward 2.62 -> 1.45 ms.
 """
 
 from __future__ import annotations
 
+import threading
 import types
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -119,15 +128,107 @@ def _fusable(model: nn.Module) -> list[tuple[nn.Module, types.FunctionType]]:
     return found
 
 
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, adjoint: bool) -> Tensor:
+    """``x * cos + rotate_half(x) * sin`` by halves (``rotate_half(x) = [-x2, x1]``): ``[x1 c1 - x2 s1,
+    x2 c2 + x1 s2]``; with ``adjoint`` its transpose, ``[x1 c1 + x2 s2, x2 c2 - x1 s1]`` (the gradient). The output
+    has ``x``'s layout."""
+    h = x.shape[-1] // 2
+    x1, x2, c1, c2, s1, s2 = x[..., :h], x[..., h:], cos[..., :h], cos[..., h:], sin[..., :h], sin[..., h:]
+    out = torch.empty_like(x)
+    if adjoint:
+        torch.add(x1 * c1, x2 * s2, out=out[..., :h])
+        torch.sub(x2 * c2, x1 * s1, out=out[..., h:])
+    else:  # transformers adds (-x2) * s1, the same number as subtracting x2 * s1
+        torch.sub(x1 * c1, x2 * s1, out=out[..., :h])
+        torch.add(x2 * c2, x1 * s2, out=out[..., h:])
+    return out
+
+
+class RotaryFunction(torch.autograd.Function):
+    """``apply_rotary_pos_emb(q, k, cos, sin)`` of transformers' Llama family (``cos`` / ``sin`` already broadcastable
+    to ``q`` and ``k``), keeping only ``cos`` and ``sin`` for backward."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        ctx.save_for_backward(cos, sin)
+        return _rotate(q, cos, sin, False), _rotate(k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, grad_q: Tensor, grad_k: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        grads = [None if g is None else _rotate(g, cos, sin, True) for g in (grad_q, grad_k)]
+        return grads[0], grads[1], None, None
+
+
+def _rotary_for(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``original`` (a modeling module's ``apply_rotary_pos_emb``) by :class:`RotaryFunction` where that computes the
+    same numbers: one dtype throughout (mixed dtypes promote, and round, op by op), constant ``cos`` / ``sin``."""
+
+    def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> Any:
+        same = q.dtype == k.dtype == cos.dtype == sin.dtype and q.shape[-1] % 2 == 0
+        if not same or cos.requires_grad or sin.requires_grad:
+            return original(q, k, cos, sin, unsqueeze_dim)
+        return RotaryFunction.apply(q, k, cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim))
+
+    apply_rotary_pos_emb.original = original  # type: ignore[attr-defined]
+    return apply_rotary_pos_emb
+
+
+_ROTARY_LOCK = threading.Lock()
+_ROTARY_USERS = 0
+
+
+def _rotary_modules() -> list[types.ModuleType]:
+    from transformers.models.llama import modeling_llama
+    from transformers.models.mistral import modeling_mistral
+    from transformers.models.qwen2 import modeling_qwen2
+
+    return [m for m in (modeling_llama, modeling_mistral, modeling_qwen2) if hasattr(m, "apply_rotary_pos_emb")]
+
+
+@contextmanager
+def fused_rotary() -> Iterator[None]:
+    """Within the context the Llama / Mistral / Qwen2 modeling modules' ``apply_rotary_pos_emb`` (a module global,
+    which their attention calls) is :func:`_rotary_for`'s. Counted across nested and concurrent contexts (the policy's
+    and a reference's on another thread): the last one out puts transformers' functions back. Other code calling
+    them meanwhile gets the same numbers."""
+    global _ROTARY_USERS
+    with _ROTARY_LOCK:
+        if _ROTARY_USERS == 0:
+            for mod in _rotary_modules():
+                mod.apply_rotary_pos_emb = _rotary_for(mod.apply_rotary_pos_emb)
+        _ROTARY_USERS += 1
+    try:
+        yield
+    finally:
+        with _ROTARY_LOCK:
+            _ROTARY_USERS -= 1
+            if _ROTARY_USERS == 0:
+                for mod in _rotary_modules():
+                    mod.apply_rotary_pos_emb = mod.apply_rotary_pos_emb.original
+
+
+def _has_rotary_attention(model: nn.Module) -> bool:
+    from transformers.models.llama import modeling_llama
+    from transformers.models.mistral import modeling_mistral
+    from transformers.models.qwen2 import modeling_qwen2
+
+    attention = (modeling_llama.LlamaAttention, modeling_mistral.MistralAttention, modeling_qwen2.Qwen2Attention)
+    return any(type(m) in attention for m in model.modules())
+
+
 @contextmanager
 def fused_layers(model: nn.Module) -> Iterator[int]:
-    """Within the context, ``model``'s Llama-family RMSNorm and MLP modules run the functions above; yields how
-    many modules were switched."""
+    """Within the context, ``model``'s Llama-family RMSNorm and MLP modules run the functions above and its attention
+    :class:`RotaryFunction`; yields how many norm and MLP modules were switched."""
     found = _fusable(model)
     for m, fn in found:
         m.forward = types.MethodType(fn, m)
     try:
-        yield len(found)
+        with ExitStack() as stack:
+            if _has_rotary_attention(model):
+                stack.enter_context(fused_rotary())
+            yield len(found)
     finally:
         for m, _ in found:
             vars(m).pop("forward", None)
