@@ -927,12 +927,18 @@ def test_fused_rotary_is_what_attention_calls_inside_the_context_counted_across_
                     fused = lm(input_ids=ids).logits
             assert layers._ROTARY_USERS == 1  # the policy's context closed first: the reference's still has it
             assert modeling_llama.apply_rotary_pos_emb is not originals[0]
+            assert len(calls) == lm.config.num_hidden_layers
+            lm.gradient_checkpointing_enable()  # this thread, outside its context: transformers' function, so that
+            lm.train()  # a checkpointed forward's recomputation in backward saves what the forward saved
+            lm(input_ids=ids).logits.sum().backward()
+            with layers.fused_layers(lm):  # checkpointed: not fused inside the context either
+                lm(input_ids=ids).logits.sum().backward()
+            assert len(calls) == lm.config.num_hidden_layers
             release.set()
             held.result()
     finally:
         layers.RotaryFunction.forward = forward
         release.set()
-    assert len(calls) == lm.config.num_hidden_layers
     assert torch.equal(fused, plain)
     assert (modeling_llama.apply_rotary_pos_emb, modeling_qwen2.apply_rotary_pos_emb) == originals
     assert layers._ROTARY_USERS == 0

@@ -14,7 +14,7 @@ feature                   what it does                                      wher
 ``length_groups``         large batches in length-sorted groups             CPU, Llama
 ``fast_decode``           lean decode loop over a preallocated KV buffer    CPU, Llama / Mistral / Qwen2
 ``growing_cache``         KV cache layers append into a buffer              CPU, any transformers 5 model
-``fused_layers``          RMSNorm and SwiGLU MLP keep ~half for backward    CPU, Llama / Mistral / Qwen2
+``fused_layers``          RMSNorm, SwiGLU MLP, RoPE as autograd functions   CPU, Llama / Mistral / Qwen2
 ``onednn_linear``         fp32 linear layers of scoring by oneDNN           non-Intel CPU, one process, hidden >= 512
 ``clip_with_norm``        clipping reuses the logged gradient norm          CPU, any model
 ``dot_norm``              gradient norm by BLAS dot products                CPU, any model

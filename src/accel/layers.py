@@ -103,6 +103,10 @@ def _plain(*params: Tensor | None) -> bool:
     return all(p is None or (type(p) is nn.Parameter and type(p.data) is torch.Tensor) for p in params)
 
 
+def _checkpointed(model: nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 def _fusable(model: nn.Module) -> list[tuple[nn.Module, types.FunctionType]]:
     from transformers.models.llama import modeling_llama
     from transformers.models.mistral import modeling_mistral
@@ -111,7 +115,7 @@ def _fusable(model: nn.Module) -> list[tuple[nn.Module, types.FunctionType]]:
     norms = (modeling_llama.LlamaRMSNorm, modeling_mistral.MistralRMSNorm, modeling_qwen2.Qwen2RMSNorm)
     mlps = (modeling_llama.LlamaMLP, modeling_mistral.MistralMLP, modeling_qwen2.Qwen2MLP)
     found: list[tuple[nn.Module, types.FunctionType]] = []
-    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+    if _checkpointed(model):
         return found  # checkpointed layers recompute their forward in backward, outside the context
     for m in model.modules():
         if "forward" in vars(m):  # a forward of its own already (e.g. a hook library's): leave it
@@ -161,12 +165,13 @@ class RotaryFunction(torch.autograd.Function):
 
 
 def _rotary_for(original: Callable[..., Any]) -> Callable[..., Any]:
-    """``original`` (a modeling module's ``apply_rotary_pos_emb``) by :class:`RotaryFunction` where that computes the
-    same numbers: one dtype throughout (mixed dtypes promote, and round, op by op), constant ``cos`` / ``sin``."""
+    """``original`` (a modeling module's ``apply_rotary_pos_emb``) by :class:`RotaryFunction` on threads inside a
+    :func:`fused_rotary` context, where it computes the same numbers: one dtype throughout (mixed dtypes promote, and
+    round, op by op), constant ``cos`` / ``sin``."""
 
     def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> Any:
         same = q.dtype == k.dtype == cos.dtype == sin.dtype and q.shape[-1] % 2 == 0
-        if not same or cos.requires_grad or sin.requires_grad:
+        if not getattr(_ROTARY_LOCAL, "depth", 0) or not same or cos.requires_grad or sin.requires_grad:
             return original(q, k, cos, sin, unsqueeze_dim)
         return RotaryFunction.apply(q, k, cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim))
 
@@ -175,7 +180,8 @@ def _rotary_for(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _ROTARY_LOCK = threading.Lock()
-_ROTARY_USERS = 0
+_ROTARY_USERS = 0  # open contexts, all threads
+_ROTARY_LOCAL = threading.local()  # ``depth``: this thread's open contexts
 
 
 def _rotary_modules() -> list[types.ModuleType]:
@@ -188,19 +194,24 @@ def _rotary_modules() -> list[types.ModuleType]:
 
 @contextmanager
 def fused_rotary() -> Iterator[None]:
-    """Within the context the Llama / Mistral / Qwen2 modeling modules' ``apply_rotary_pos_emb`` (a module global,
-    which their attention calls) is :func:`_rotary_for`'s. Counted across nested and concurrent contexts (the policy's
-    and a reference's on another thread): the last one out puts transformers' functions back. Other code calling
-    them meanwhile gets the same numbers."""
+    """Within the context the Llama / Mistral / Qwen2 attention of this thread rotates by :class:`RotaryFunction`.
+
+    The modeling modules' ``apply_rotary_pos_emb`` (a module global, which their attention calls) is
+    :func:`_rotary_for`'s while any thread has the context open (counted across nested and concurrent contexts: the
+    policy's and a reference's on another thread; the last one out puts transformers' functions back); it takes the
+    fused path only on threads inside the context. Elsewhere transformers' function runs: a model with gradient
+    checkpointing recomputes its forward in backward, and that recomputation must save what the first forward saved."""
     global _ROTARY_USERS
     with _ROTARY_LOCK:
         if _ROTARY_USERS == 0:
             for mod in _rotary_modules():
                 mod.apply_rotary_pos_emb = _rotary_for(mod.apply_rotary_pos_emb)
         _ROTARY_USERS += 1
+    _ROTARY_LOCAL.depth = getattr(_ROTARY_LOCAL, "depth", 0) + 1
     try:
         yield
     finally:
+        _ROTARY_LOCAL.depth -= 1
         with _ROTARY_LOCK:
             _ROTARY_USERS -= 1
             if _ROTARY_USERS == 0:
@@ -220,13 +231,14 @@ def _has_rotary_attention(model: nn.Module) -> bool:
 @contextmanager
 def fused_layers(model: nn.Module) -> Iterator[int]:
     """Within the context, ``model``'s Llama-family RMSNorm and MLP modules run the functions above and its attention
-    :class:`RotaryFunction`; yields how many norm and MLP modules were switched."""
+    :class:`RotaryFunction` (none of them with gradient checkpointing); yields how many norm and MLP modules were
+    switched."""
     found = _fusable(model)
     for m, fn in found:
         m.forward = types.MethodType(fn, m)
     try:
         with ExitStack() as stack:
-            if _has_rotary_attention(model):
+            if _has_rotary_attention(model) and not _checkpointed(model):
                 stack.enter_context(fused_rotary())
             yield len(found)
     finally:
