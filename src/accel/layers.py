@@ -107,16 +107,20 @@ def _checkpointed(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
-def _fusable(model: nn.Module) -> list[tuple[nn.Module, types.FunctionType]]:
+def _families() -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
+    """transformers' Llama, Mistral and Qwen2 modeling modules: the layouts the functions here reproduce."""
     from transformers.models.llama import modeling_llama
     from transformers.models.mistral import modeling_mistral
     from transformers.models.qwen2 import modeling_qwen2
 
-    norms = (modeling_llama.LlamaRMSNorm, modeling_mistral.MistralRMSNorm, modeling_qwen2.Qwen2RMSNorm)
-    mlps = (modeling_llama.LlamaMLP, modeling_mistral.MistralMLP, modeling_qwen2.Qwen2MLP)
+    return modeling_llama, modeling_mistral, modeling_qwen2
+
+
+def _fusable(model: nn.Module) -> list[tuple[nn.Module, types.FunctionType]]:
+    llama, mistral, qwen2 = _families()
+    norms = (llama.LlamaRMSNorm, mistral.MistralRMSNorm, qwen2.Qwen2RMSNorm)
+    mlps = (llama.LlamaMLP, mistral.MistralMLP, qwen2.Qwen2MLP)
     found: list[tuple[nn.Module, types.FunctionType]] = []
-    if _checkpointed(model):
-        return found  # checkpointed layers recompute their forward in backward, outside the context
     for m in model.modules():
         if "forward" in vars(m):  # a forward of its own already (e.g. a hook library's): leave it
             continue
@@ -185,11 +189,7 @@ _ROTARY_LOCAL = threading.local()  # ``depth``: this thread's open contexts
 
 
 def _rotary_modules() -> list[types.ModuleType]:
-    from transformers.models.llama import modeling_llama
-    from transformers.models.mistral import modeling_mistral
-    from transformers.models.qwen2 import modeling_qwen2
-
-    return [m for m in (modeling_llama, modeling_mistral, modeling_qwen2) if hasattr(m, "apply_rotary_pos_emb")]
+    return [m for m in _families() if hasattr(m, "apply_rotary_pos_emb")]
 
 
 @contextmanager
@@ -220,11 +220,8 @@ def fused_rotary() -> Iterator[None]:
 
 
 def _has_rotary_attention(model: nn.Module) -> bool:
-    from transformers.models.llama import modeling_llama
-    from transformers.models.mistral import modeling_mistral
-    from transformers.models.qwen2 import modeling_qwen2
-
-    attention = (modeling_llama.LlamaAttention, modeling_mistral.MistralAttention, modeling_qwen2.Qwen2Attention)
+    llama, mistral, qwen2 = _families()
+    attention = (llama.LlamaAttention, mistral.MistralAttention, qwen2.Qwen2Attention)
     return any(type(m) in attention for m in model.modules())
 
 
@@ -233,12 +230,14 @@ def fused_layers(model: nn.Module) -> Iterator[int]:
     """Within the context, ``model``'s Llama-family RMSNorm and MLP modules run the functions above and its attention
     :class:`RotaryFunction` (none of them with gradient checkpointing); yields how many norm and MLP modules were
     switched."""
-    found = _fusable(model)
+    # checkpointed layers recompute their forward in backward, outside the context: nothing is switched there
+    checkpointed = _checkpointed(model)
+    found = [] if checkpointed else _fusable(model)
     for m, fn in found:
         m.forward = types.MethodType(fn, m)
     try:
         with ExitStack() as stack:
-            if _has_rotary_attention(model) and not _checkpointed(model):
+            if not checkpointed and _has_rotary_attention(model):
                 stack.enter_context(fused_rotary())
             yield len(found)
     finally:
