@@ -29,7 +29,7 @@ from __future__ import annotations
 import threading
 import types
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -236,9 +236,7 @@ def fused_layers(model: nn.Module) -> Iterator[int]:
     for m, fn in found:
         m.forward = types.MethodType(fn, m)
     try:
-        with ExitStack() as stack:
-            if not checkpointed and _has_rotary_attention(model):
-                stack.enter_context(fused_rotary())
+        with fused_rotary() if not checkpointed and _has_rotary_attention(model) else nullcontext():
             yield len(found)
     finally:
         for m, _ in found:
